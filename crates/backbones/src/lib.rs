@@ -1,0 +1,46 @@
+//! genseg-backbones: the segmentation side of GenSeg.
+//!
+//! - [`SegModel`] is the one trait every backbone implements: a forward pass
+//!   with a train flag (BatchNorm, dropout) that maps images `[B, C, H, W]` to
+//!   logits `[B, 1, H, W]`, plus the names of its parameter groups.
+//! - [`unet::UNet`] is the reference backbone (milesial Pytorch-UNet, spec §4),
+//!   built from a serde [`unet::UNetConfig`] and a candle `VarBuilder`.
+//! - [`loss`] holds the segmentation losses of both reference families
+//!   (BCE + batch-wide Dice for lungs, BCE + per-image Jaccard for skin).
+//! - [`metrics`] scores binarised predictions per case (Dice, IoU, precision,
+//!   recall, HD95) and [`report`] aggregates them into `per_case.csv` and
+//!   `summary.json`.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use genseg_backbones::{SegModel, unet::{UNet, UNetConfig}};
+//! use genseg_nn::params::ParamStore;
+//!
+//! let store = ParamStore::new(0, DType::F32, &Device::Cpu);
+//! let cfg = UNetConfig { in_channels: 1, base_width: 4, depth: 2, ..UNetConfig::default() };
+//! let unet = UNet::new(&cfg, store.var_builder().pp("seg"))?;
+//! let x = Tensor::zeros((2, 1, 32, 32), DType::F32, &Device::Cpu)?;
+//! let logits = unet.forward_t(&x, true)?;
+//! assert_eq!(logits.dims(), &[2, 1, 32, 32]);
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+
+pub mod loss;
+pub mod metrics;
+pub mod report;
+pub mod unet;
+
+use candle_core::{Result, Tensor};
+
+/// A segmentation network: images in, one foreground logit per pixel out.
+pub trait SegModel: Send + Sync {
+    /// `[B, C, H, W]` images in `[0, 1]` -> `[B, 1, H, W]` logits.
+    /// `train` selects batch statistics (and updates running statistics) in
+    /// BatchNorm layers.
+    fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// The variable-name prefixes of the model's parameter groups, as
+    /// `(group name, prefix in the ParamStore)`. Backbones have one group,
+    /// `"weights"`.
+    fn param_groups(&self) -> Vec<(&'static str, String)>;
+}

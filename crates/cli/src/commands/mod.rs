@@ -1,0 +1,7 @@
+//! One module per top-level subcommand: clap arguments and the calls into the
+//! library crates that do the work.
+
+pub mod data;
+pub mod evaluate;
+pub mod predict;
+pub mod train;

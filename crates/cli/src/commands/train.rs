@@ -1,0 +1,105 @@
+//! `genseg train`: start or resume a training run.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Result, bail};
+use candle_core::Device;
+use clap::Args;
+use genseg::config::{Method, Profile, RunConfig};
+use genseg::overrides::layered;
+
+/// Arguments of `genseg train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Training method (overrides `method` of the config).
+    #[arg(long, value_enum)]
+    method: Option<Method>,
+    /// Dataset folder (folder pairs, GenSeg Images/Masks, or nnU-Net raw).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Training images drawn from the labelled pool.
+    #[arg(long)]
+    n_train: Option<usize>,
+    /// Validation images drawn from the labelled pool.
+    #[arg(long)]
+    n_val: Option<usize>,
+    /// The run's one seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The run folder to create.
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Starting configuration.
+    #[arg(long, value_enum, default_value_t = Profile::Cpu)]
+    profile: Profile,
+    /// A TOML file layered over the profile.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// `dotted.key=value` overrides, e.g. `--set train.iterations=2`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long, conflicts_with_all = ["method", "data", "n_train", "n_val", "seed", "out", "config", "sets"])]
+    resume: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// Profile -> config file -> `--set` -> explicit flags.
+    fn resolve(&self) -> Result<RunConfig> {
+        let mut cfg = layered(
+            &RunConfig::profile(self.profile),
+            self.config.as_deref(),
+            &self.sets,
+        )?;
+        if let Some(m) = self.method {
+            cfg.method = m;
+        }
+        if let Some(d) = &self.data {
+            cfg.data.path = d.clone();
+        }
+        if let Some(n) = self.n_train {
+            cfg.data.n_train = n;
+        }
+        if let Some(n) = self.n_val {
+            cfg.data.n_val = n;
+        }
+        if let Some(s) = self.seed {
+            cfg.seed = s;
+        }
+        if cfg.data.path.as_os_str().is_empty() {
+            bail!("no dataset: pass --data <dir> or set data.path");
+        }
+        Ok(cfg)
+    }
+}
+
+/// Runs `genseg train`.
+pub fn run(args: TrainArgs, device: &Device, stop: &AtomicBool) -> Result<()> {
+    let outcome = match &args.resume {
+        Some(run) => genseg::train::resume(run, device, stop)?,
+        None => {
+            let cfg = args.resolve()?;
+            let out = args
+                .out
+                .as_ref()
+                .expect("clap requires --out without --resume");
+            genseg::train::train(cfg, out, device, stop)?
+        }
+    };
+    let mut line = format!(
+        "{} iterations in {:.1} s, best validation Dice {:.4} (iteration {})",
+        outcome.iterations, outcome.seconds, outcome.best_val_dice, outcome.best_iteration
+    );
+    if let Some(t) = &outcome.test {
+        line += &format!(
+            "; test Dice {:.4} ± {:.4} over {} cases",
+            t.metrics["dice"].mean, t.metrics["dice"].std, t.n_cases
+        );
+    }
+    println!("{line}");
+    if outcome.interrupted {
+        bail!("interrupted: resume with `genseg train --resume <run>`");
+    }
+    Ok(())
+}

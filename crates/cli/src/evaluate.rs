@@ -1,0 +1,150 @@
+//! `genseg evaluate`: scores a trained run's checkpoint on any dataset folder
+//! (in-domain test split, or a whole out-of-domain set) and writes
+//! `per_case.csv` and `summary.json`.
+//!
+//! Predictions and masks are compared at the run's working resolution
+//! (`data.size`), as the reference does at 256 px.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use genseg_backbones::SegModel;
+use genseg_backbones::metrics::{binarize_logits, binarize_targets, case_metrics};
+use genseg_backbones::report::{CaseResult, Summary, write_reports};
+use genseg_data::dataset::Dataset;
+use genseg_data::preprocess::ChannelPolicy;
+use genseg_data::split::{read_split_file, select_fold};
+use genseg_nn::checkpoint::Checkpoint;
+
+use crate::config::RunConfig;
+use crate::run_dir::{RunDir, Which};
+use crate::train::{build_model, load_dataset};
+
+/// Which cases of the dataset to score.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitChoice {
+    /// The run's test split (only meaningful on the training dataset).
+    Test,
+    /// The run's validation split.
+    Val,
+    /// Every case of the folder (out-of-domain sets).
+    All,
+}
+
+/// Scores `model` on every case of `data` and writes the reports to `out`.
+pub fn evaluate_model(
+    model: &dyn SegModel,
+    data: &Dataset,
+    cfg: &RunConfig,
+    device: &Device,
+    out: &Path,
+    dataset_label: &str,
+    checkpoint_label: &str,
+) -> Result<Summary> {
+    let ids = data.ids();
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let mut cases = Vec::with_capacity(data.len());
+    for chunk in indices.chunks(cfg.train.batch_size.max(1)) {
+        let (x, y) = data.batch(chunk, device)?;
+        let logits = model.forward_t(&x, false)?;
+        let preds = binarize_logits(&logits)?;
+        let truths = binarize_targets(&y)?;
+        for ((&i, p), t) in chunk.iter().zip(&preds).zip(&truths) {
+            cases.push(CaseResult {
+                id: ids[i].clone(),
+                metrics: case_metrics(p, t, &cfg.eval)?,
+            });
+        }
+    }
+    write_reports(out, &cases, &cfg.eval, dataset_label, checkpoint_label)
+}
+
+/// A trained model restored from a run folder.
+pub struct LoadedRun {
+    /// The run's configuration.
+    pub cfg: RunConfig,
+    /// The model with the checkpoint's weights.
+    pub model: genseg_backbones::unet::UNet,
+    /// The checkpoint folder it came from.
+    pub checkpoint: PathBuf,
+}
+
+/// Restores the model of `run_dir` from its `which` checkpoint.
+pub fn load_run(run_dir: &Path, which: Which, device: &Device) -> Result<LoadedRun> {
+    let run = RunDir::open(run_dir)?;
+    let cfg: RunConfig = run.read_config()?;
+    let (store, model) = build_model(&cfg, device)?;
+    let dir = run.checkpoint(which);
+    let ckpt =
+        Checkpoint::load(&dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    store
+        .load_named_tensors(&ckpt.weights, true)
+        .with_context(|| {
+            format!(
+                "checkpoint {} does not match the run's model",
+                dir.display()
+            )
+        })?;
+    Ok(LoadedRun {
+        cfg,
+        model,
+        checkpoint: dir,
+    })
+}
+
+/// `genseg evaluate`: returns the summary written to `out`.
+pub fn evaluate_run(
+    run_dir: &Path,
+    which: Which,
+    data_dir: Option<&Path>,
+    split: SplitChoice,
+    out: &Path,
+    device: &Device,
+) -> Result<Summary> {
+    let loaded = load_run(run_dir, which, device)?;
+    let mut cfg = loaded.cfg.clone();
+    let data_dir = data_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| cfg.data.path.clone());
+    // Another domain may have another channel count: convert it to the model's.
+    cfg.data.channels = if cfg.model.unet.in_channels == 1 {
+        ChannelPolicy::Gray
+    } else {
+        ChannelPolicy::Rgb
+    };
+    let data = load_dataset(&cfg, &data_dir)?;
+    let data = match split {
+        SplitChoice::All => data,
+        SplitChoice::Test | SplitChoice::Val => {
+            let splits = read_split_file(&RunDir::open(run_dir)?.split_path())?;
+            let s = select_fold(&splits, 0)?;
+            let ids = if split == SplitChoice::Test {
+                &s.test
+            } else {
+                &s.val
+            };
+            anyhow::ensure!(
+                !ids.is_empty(),
+                "the run's {split:?} split is empty; use --split all"
+            );
+            let indices = data.indices_of(ids).with_context(|| {
+                format!(
+                    "{} does not hold the run's split (pass --split all for another dataset)",
+                    data_dir.display()
+                )
+            })?;
+            data.subset(&indices)?
+        }
+    };
+    let summary = evaluate_model(
+        &loaded.model,
+        &data,
+        &cfg,
+        device,
+        out,
+        &data_dir.display().to_string(),
+        &loaded.checkpoint.display().to_string(),
+    )?;
+    Ok(summary)
+}

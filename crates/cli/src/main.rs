@@ -1,0 +1,71 @@
+//! The `genseg` command-line tool: a thin layer that parses flags and calls
+//! the library crates. No algorithm lives here.
+
+mod commands;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Parser, Subcommand};
+
+/// GenSeg: generative data for medical image segmentation in ultra low-data regimes.
+#[derive(Parser, Debug)]
+#[command(name = "genseg", version, about, long_about = None)]
+struct Cli {
+    /// Compute device: `cpu`, or `cuda` / `cuda:N` (needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
+
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides this.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand, Debug)]
+enum Commands {
+    /// Inspect, split and synthesise datasets.
+    Data {
+        #[command(subcommand)]
+        cmd: commands::data::DataCommand,
+    },
+    /// Train a segmentation model (or resume a run).
+    Train(commands::train::TrainArgs),
+    /// Score a run's checkpoint on a dataset folder.
+    Evaluate(commands::evaluate::EvaluateArgs),
+    /// Segment new images with a trained run.
+    Predict(commands::predict::PredictArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    genseg::init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` prints the whole context chain on one line: "what failed: why".
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let device = genseg_nn::device::parse_device(&cli.device)?;
+    tracing::debug!(device = %genseg_nn::device::device_label(&device), "device selected");
+    match cli.command {
+        Commands::Data { cmd } => commands::data::run(cmd),
+        Commands::Train(args) => {
+            // Ctrl-C (or SIGTERM) asks the loop to stop after the current
+            // step; it then writes last/ so nothing computed is lost.
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+            commands::train::run(args, &device, &stop)
+        }
+        Commands::Evaluate(args) => commands::evaluate::run(args, &device),
+        Commands::Predict(args) => commands::predict::run(args, &device),
+    }
+}

@@ -1,0 +1,224 @@
+//! The run folder: everything a run writes, in one place.
+//!
+//! ```text
+//! <run>/config.toml     the resolved configuration (all that is needed to repeat the run)
+//! <run>/split.json      the ids of train / val / test
+//! <run>/train.log       the log
+//! <run>/metrics.jsonl   one JSON line per logged step
+//! <run>/progress.png    loss and validation Dice curves
+//! <run>/best/ <run>/last/  checkpoints (best validation Dice; most recent)
+//! <run>/eval-<name>/    per_case.csv and summary.json of evaluations
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Which checkpoint of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Which {
+    /// Best validation Dice.
+    Best,
+    /// Most recent.
+    Last,
+}
+
+impl Which {
+    /// The folder name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Which::Best => "best",
+            Which::Last => "last",
+        }
+    }
+}
+
+/// Paths of a run folder.
+#[derive(Clone, Debug)]
+pub struct RunDir {
+    root: PathBuf,
+}
+
+impl RunDir {
+    /// Creates a new run folder; refuses one that already holds a run.
+    pub fn create(root: &Path) -> Result<Self> {
+        let run = Self {
+            root: root.to_path_buf(),
+        };
+        if run.config_path().exists() {
+            bail!(
+                "{} already holds a run (config.toml exists): continue it with `genseg train --resume {}` or choose another --out",
+                root.display(),
+                root.display()
+            );
+        }
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("creating run folder {}", root.display()))?;
+        Ok(run)
+    }
+
+    /// Opens an existing run folder.
+    pub fn open(root: &Path) -> Result<Self> {
+        let run = Self {
+            root: root.to_path_buf(),
+        };
+        if !run.config_path().is_file() {
+            bail!("{} is not a run folder (no config.toml)", root.display());
+        }
+        Ok(run)
+    }
+
+    /// The folder itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// `config.toml`.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+    /// `split.json`.
+    pub fn split_path(&self) -> PathBuf {
+        self.root.join("split.json")
+    }
+    /// `train.log`.
+    pub fn log_path(&self) -> PathBuf {
+        self.root.join("train.log")
+    }
+    /// `metrics.jsonl`.
+    pub fn metrics_path(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+    /// `progress.png`.
+    pub fn progress_path(&self) -> PathBuf {
+        self.root.join("progress.png")
+    }
+    /// A checkpoint folder.
+    pub fn checkpoint(&self, which: Which) -> PathBuf {
+        self.root.join(which.name())
+    }
+
+    /// Writes a config as TOML (atomically).
+    pub fn write_config<T: Serialize>(&self, cfg: &T) -> Result<()> {
+        let text = toml::to_string_pretty(cfg).context("serialising the run configuration")?;
+        genseg_nn::checkpoint::write_atomic(&self.config_path(), text.as_bytes())
+    }
+
+    /// Reads the config back.
+    pub fn read_config<T: DeserializeOwned>(&self) -> Result<T> {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Appends one JSON object per line to `metrics.jsonl`, flushed each time so
+/// a crash loses nothing already logged.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens for appending; with `keep_up_to = Some(i)`, first drops lines of
+    /// iterations after `i` (they are redone after a resume).
+    pub fn open(path: &Path, keep_up_to: Option<u64>) -> Result<Self> {
+        if let (Some(limit), true) = (keep_up_to, path.exists()) {
+            let kept: Vec<String> = read_lines(path)?
+                .into_iter()
+                .filter(|v| {
+                    v.get("iteration")
+                        .and_then(|i| i.as_u64())
+                        .is_none_or(|i| i <= limit)
+                })
+                .map(|v| v.to_string())
+                .collect();
+            let text = kept.iter().map(|l| format!("{l}\n")).collect::<String>();
+            genseg_nn::checkpoint::write_atomic(path, text.as_bytes())?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    /// Appends one record.
+    pub fn append(&mut self, record: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{record}")
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// All records of a metrics.jsonl file.
+pub fn read_lines(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        // A line cut by a crash mid-write is dropped, not fatal.
+        match serde_json::from_str(&line) {
+            Ok(v) => out.push(v),
+            Err(e) => tracing::warn!(
+                "{}:{}: skipping unreadable line ({e})",
+                path.display(),
+                n + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn create_refuses_an_existing_run() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let run = RunDir::create(dir.path())?;
+        run.write_config(&json!({"seed": 1}))?;
+        let err = RunDir::create(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("--resume"), "{err}");
+        assert!(RunDir::open(dir.path()).is_ok());
+        assert!(RunDir::open(&dir.path().join("nope")).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn metrics_log_truncates_on_resume() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("metrics.jsonl");
+        let mut log = MetricsLog::open(&path, None)?;
+        for i in [10, 20, 30] {
+            log.append(&json!({"iteration": i}))?;
+        }
+        drop(log);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)?
+            .write_all(b"{\"iterat")?;
+        let mut log = MetricsLog::open(&path, Some(20))?;
+        log.append(&json!({"iteration": 21}))?;
+        let its: Vec<u64> = read_lines(&path)?
+            .iter()
+            .map(|v| v["iteration"].as_u64().unwrap())
+            .collect();
+        assert_eq!(its, vec![10, 20, 21]);
+        Ok(())
+    }
+}

@@ -1,0 +1,492 @@
+//! Supervised training of a segmentation model: the baseline and the
+//! augmentation baselines (`genseg train --method baseline|flip|...`).
+//!
+//! One iteration: a batch of real pairs (order from a per-epoch seeded
+//! shuffle), the configured loss, plus for augmentation methods the same loss
+//! on an augmented copy weighted by `augment.weight`; backward; optimizer
+//! step. Every `val_every` iterations the model is scored on the validation
+//! split (Dice, eval mode) and the best is checkpointed to `best/`; `last/` is
+//! refreshed every `checkpoint_every` iterations, at the end and on Ctrl-C.
+//! Resuming from `last/` is bit-exact: weights, BatchNorm statistics and the
+//! optimizer state are restored, and every random draw is a pure function of
+//! the seed and the iteration (see [`crate::seeding`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use genseg_backbones::SegModel;
+use genseg_backbones::metrics::{binarize_logits, binarize_targets, case_metrics};
+use genseg_backbones::report::Summary;
+use genseg_backbones::unet::UNet;
+use genseg_data::dataset::Dataset;
+use genseg_data::split::{Split, read_split_file, select_fold, write_split_file};
+use genseg_nn::checkpoint::Checkpoint;
+use genseg_nn::optim::Optimizer;
+use genseg_nn::params::ParamStore;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use serde_json::json;
+
+use crate::augment::augment_batch;
+use crate::config::{Method, RunConfig};
+use crate::evaluate::evaluate_model;
+use crate::plot::{Series, plot_panels};
+use crate::run_dir::{MetricsLog, RunDir, Which, read_lines};
+use crate::seeding::{Purpose, rng_for, seed_for};
+
+/// What a finished (or interrupted) training run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// Iterations completed.
+    pub iterations: u64,
+    /// Best validation Dice and the iteration it was reached at.
+    pub best_val_dice: f64,
+    /// The iteration of `best/`.
+    pub best_iteration: u64,
+    /// `true` when stopped by Ctrl-C before the last iteration.
+    pub interrupted: bool,
+    /// Test-split evaluation of `best/` (when the split has test cases).
+    pub test: Option<Summary>,
+    /// Wall time of this invocation.
+    pub seconds: f64,
+}
+
+/// Builds the configured segmentation model in a fresh, seeded store.
+pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(ParamStore, UNet)> {
+    let store = ParamStore::new(
+        seed_for(cfg.seed, Purpose::Weights),
+        candle_core::DType::F32,
+        device,
+    );
+    let model = UNet::new(&cfg.model.unet, store.var_builder())?;
+    Ok((store, model))
+}
+
+/// Loads the dataset of `cfg.data.path` with the run's preprocessing.
+pub fn load_dataset(cfg: &RunConfig, path: &Path) -> Result<Dataset> {
+    let data_cfg = cfg.data.data_config()?;
+    Dataset::load(path, &data_cfg).with_context(|| format!("loading dataset {}", path.display()))
+}
+
+/// The batch of iteration `t`: a continuous stream over per-epoch shuffles, so
+/// every batch is full and the order depends only on `(seed, t)`.
+fn batch_indices(seed: u64, n: usize, batch: usize, t: u64) -> Vec<usize> {
+    let start = t as usize * batch;
+    let mut cached: Option<(usize, Vec<usize>)> = None;
+    (start..start + batch)
+        .map(|k| {
+            let epoch = k / n;
+            if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                let mut perm: Vec<usize> = (0..n).collect();
+                perm.shuffle(&mut rng_for(seed, Purpose::BatchOrder, epoch as u64));
+                cached = Some((epoch, perm));
+            }
+            cached.as_ref().expect("just set").1[k % n]
+        })
+        .collect()
+}
+
+/// Mean per-case Dice of `model` on `data` (eval mode).
+pub fn validation_dice(
+    model: &dyn SegModel,
+    data: &Dataset,
+    cfg: &RunConfig,
+    device: &Device,
+) -> Result<f64> {
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let mut dice = Vec::with_capacity(data.len());
+    for chunk in indices.chunks(cfg.train.batch_size.max(1)) {
+        let (x, y) = data.batch(chunk, device)?;
+        let logits = model.forward_t(&x, false)?;
+        for (p, t) in binarize_logits(&logits)?
+            .iter()
+            .zip(binarize_targets(&y)?.iter())
+        {
+            if let Some(d) = case_metrics(p, t, &cfg.eval)?.dice {
+                dice.push(d);
+            }
+        }
+    }
+    Ok(if dice.is_empty() {
+        f64::NAN
+    } else {
+        dice.iter().sum::<f64>() / dice.len() as f64
+    })
+}
+
+struct Trainer<'a> {
+    cfg: RunConfig,
+    run: RunDir,
+    device: Device,
+    train_set: Dataset,
+    val_set: Dataset,
+    test_set: Option<Dataset>,
+    store: ParamStore,
+    model: UNet,
+    opt: Box<dyn Optimizer>,
+    iteration: u64,
+    best: (f64, u64),
+    metrics: MetricsLog,
+    stop: &'a AtomicBool,
+}
+
+/// Starts a new run in `out`.
+pub fn train(
+    cfg: RunConfig,
+    out: &Path,
+    device: &Device,
+    stop: &AtomicBool,
+) -> Result<TrainOutcome> {
+    cfg.validate()?;
+    let run = RunDir::create(out)?;
+    crate::log_to_file(&run.log_path())?;
+    let mut cfg = cfg;
+    let data = load_dataset(&cfg, &cfg.data.path)?;
+    cfg.model.unet.in_channels = data.channels();
+    let split = if cfg.data.split_file.as_os_str().is_empty() {
+        Split::low_data(&data.ids(), cfg.data.n_train, cfg.data.n_val, cfg.seed)?
+    } else {
+        let splits = read_split_file(&cfg.data.split_file)?;
+        select_fold(&splits, cfg.data.fold)?.clone()
+    };
+    split.validate(&data.ids())?;
+    write_split_file(&run.split_path(), std::slice::from_ref(&split))?;
+    run.write_config(&cfg)?;
+    tracing::info!(
+        "run {}: {} on {} ({} train / {} val / {} test, {} channel(s), {} px)",
+        out.display(),
+        cfg.method,
+        cfg.data.path.display(),
+        split.train.len(),
+        split.val.len(),
+        split.test.len(),
+        data.channels(),
+        cfg.data.size
+    );
+    let trainer = Trainer::new(cfg, run, device, &data, &split, stop, None)?;
+    trainer.run()
+}
+
+/// Continues the run in `run_dir` from its `last/` checkpoint.
+pub fn resume(run_dir: &Path, device: &Device, stop: &AtomicBool) -> Result<TrainOutcome> {
+    let run = RunDir::open(run_dir)?;
+    crate::log_to_file(&run.log_path())?;
+    let cfg: RunConfig = run.read_config()?;
+    cfg.validate()?;
+    let data = load_dataset(&cfg, &cfg.data.path)?;
+    let splits = read_split_file(&run.split_path())?;
+    let split = select_fold(&splits, 0)?.clone();
+    split.validate(&data.ids())?;
+    let last = run.checkpoint(Which::Last);
+    let ckpt = if last.join("state.json").exists() {
+        Some(
+            Checkpoint::load(&last)
+                .with_context(|| format!("loading checkpoint {}", last.display()))?,
+        )
+    } else {
+        tracing::warn!(
+            "{} has no last/ checkpoint yet: starting from iteration 0",
+            run_dir.display()
+        );
+        None
+    };
+    let trainer = Trainer::new(cfg, run, device, &data, &split, stop, ckpt)?;
+    trainer.run()
+}
+
+impl<'a> Trainer<'a> {
+    fn new(
+        cfg: RunConfig,
+        run: RunDir,
+        device: &Device,
+        data: &Dataset,
+        split: &Split,
+        stop: &'a AtomicBool,
+        ckpt: Option<Checkpoint>,
+    ) -> Result<Self> {
+        let subset =
+            |ids: &[String]| -> Result<Dataset> { Ok(data.subset(&data.indices_of(ids)?)?) };
+        let train_set = subset(&split.train)?;
+        let val_set = subset(&split.val)?;
+        let test_set = if split.test.is_empty() {
+            None
+        } else {
+            Some(subset(&split.test)?)
+        };
+        let (store, model) = build_model(&cfg, device)?;
+        let mut opt = cfg.train.build_optimizer(store.trainable_vars())?;
+        let (iteration, best) = match &ckpt {
+            Some(c) => {
+                store
+                    .load_named_tensors(&c.weights, true)
+                    .context("restoring weights from last/")?;
+                let state = c
+                    .optimizers
+                    .get("segmenter")
+                    .context("last/ has no segmenter optimizer state")?;
+                opt.load_state(state)
+                    .context("restoring the optimizer from last/")?;
+                let best_dice = c
+                    .extra
+                    .get("best_val_dice")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(f64::NEG_INFINITY);
+                let best_it = c
+                    .extra
+                    .get("best_iteration")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0);
+                (c.step, (best_dice, best_it))
+            }
+            None => (0, (f64::NEG_INFINITY, 0)),
+        };
+        let metrics = MetricsLog::open(&run.metrics_path(), Some(iteration))?;
+        Ok(Self {
+            cfg,
+            run,
+            device: device.clone(),
+            train_set,
+            val_set,
+            test_set,
+            store,
+            model,
+            opt,
+            iteration,
+            best,
+            metrics,
+            stop,
+        })
+    }
+
+    fn checkpoint(&self, which: Which) -> Result<()> {
+        let mut optimizers = BTreeMap::new();
+        optimizers.insert("segmenter".to_string(), self.opt.state()?);
+        let ckpt = Checkpoint {
+            step: self.iteration,
+            weights: self.store.named_tensors()?,
+            optimizers,
+            rng: BTreeMap::new(),
+            config_toml: toml::to_string_pretty(&self.cfg)?,
+            extra: json!({
+                "best_val_dice": self.best.0,
+                "best_iteration": self.best.1,
+                "method": self.cfg.method.to_string(),
+            }),
+        };
+        let dir = self.run.checkpoint(which);
+        ckpt.save(&dir)
+            .with_context(|| format!("saving checkpoint {}", dir.display()))
+    }
+
+    fn step(&mut self) -> Result<(f64, Option<f64>)> {
+        let idx = batch_indices(
+            self.cfg.seed,
+            self.train_set.len(),
+            self.cfg.train.batch_size,
+            self.iteration,
+        );
+        let (x, y) = self.train_set.batch(&idx, &self.device)?;
+        let loss_fn = &self.cfg.train.loss;
+        let real = loss_fn.forward(&self.model.forward_t(&x, true)?, &y)?;
+        let mut total = real.clone();
+        let mut aug_value = None;
+        if self.cfg.method != Method::Baseline {
+            let mut rng = rng_for(self.cfg.seed, Purpose::Augment, self.iteration);
+            let (xa, ya) = augment_batch(&x, &y, self.cfg.method, &self.cfg.augment, &mut rng)?;
+            let aug = loss_fn.forward(&self.model.forward_t(&xa, true)?, &ya)?;
+            aug_value = Some(aug.to_scalar::<f32>()? as f64);
+            total = (total + (aug * self.cfg.augment.weight)?)?;
+        }
+        let grads = total.backward()?;
+        self.opt.step(&grads)?;
+        Ok((real.to_scalar::<f32>()? as f64, aug_value))
+    }
+
+    fn plot(&self) -> Result<()> {
+        let lines = read_lines(&self.run.metrics_path())?;
+        let pts = |key: &str| -> Vec<(f64, f64)> {
+            lines
+                .iter()
+                .filter_map(|v| Some((v.get("iteration")?.as_f64()?, v.get(key)?.as_f64()?)))
+                .collect()
+        };
+        let (loss, aug, val) = (pts("loss"), pts("loss_augmented"), pts("val_dice"));
+        let mut loss_series = vec![Series {
+            label: "real",
+            points: &loss,
+            color: plotters::style::BLUE,
+        }];
+        if !aug.is_empty() {
+            loss_series.push(Series {
+                label: "augmented",
+                points: &aug,
+                color: plotters::style::GREEN,
+            });
+        }
+        plot_panels(
+            &self.run.progress_path(),
+            &[
+                ("training loss", "loss", loss_series),
+                (
+                    "validation",
+                    "Dice",
+                    vec![Series {
+                        label: "val Dice",
+                        points: &val,
+                        color: plotters::style::RED,
+                    }],
+                ),
+            ],
+        )
+    }
+
+    fn run(mut self) -> Result<TrainOutcome> {
+        let started = Instant::now();
+        let total = self.cfg.train.iterations;
+        let bar = ProgressBar::new(total).with_position(self.iteration);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} it  {per_sec}  ETA {eta}  {msg}")
+                .expect("static template"),
+        );
+        let mut interrupted = false;
+        let mut last_saved = self.iteration;
+        while self.iteration < total {
+            if self.stop.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            let t0 = Instant::now();
+            let (loss, aug) = self.step()?;
+            self.iteration += 1;
+            let it = self.iteration;
+            anyhow::ensure!(
+                loss.is_finite(),
+                "training diverged: loss {loss} at iteration {it}"
+            );
+            let mut record = json!({
+                "iteration": it,
+                "loss": loss,
+                "lr": self.opt.learning_rate(),
+                "seconds": started.elapsed().as_secs_f64(),
+                "step_seconds": t0.elapsed().as_secs_f64(),
+            });
+            if let Some(a) = aug {
+                record["loss_augmented"] = json!(a);
+            }
+            let validate = it % self.cfg.train.val_every == 0 || it == total;
+            if validate {
+                let dice = validation_dice(&self.model, &self.val_set, &self.cfg, &self.device)?;
+                record["val_dice"] = json!(dice);
+                // Strictly better, like the reference: ties keep the earlier model.
+                if dice > self.best.0 || (self.best.0 == f64::NEG_INFINITY && dice.is_nan()) {
+                    self.best = (dice, it);
+                    self.checkpoint(Which::Best)?;
+                }
+                bar.set_message(format!(
+                    "loss {loss:.4}  val Dice {dice:.4}  best {:.4} @{}",
+                    self.best.0, self.best.1
+                ));
+                tracing::debug!(iteration = it, loss, val_dice = dice, "validated");
+            }
+            if validate || it % self.cfg.train.log_every == 0 {
+                self.metrics.append(&record)?;
+            }
+            if it % self.cfg.train.checkpoint_every == 0 || it == total {
+                self.checkpoint(Which::Last)?;
+                last_saved = it;
+            }
+            if validate {
+                self.plot()?;
+            }
+            bar.set_position(it);
+        }
+        bar.finish_and_clear();
+        if self.iteration != last_saved {
+            self.checkpoint(Which::Last)?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        if interrupted {
+            tracing::warn!(
+                "interrupted at iteration {}: last/ saved; continue with `genseg train --resume {}`",
+                self.iteration,
+                self.run.root().display()
+            );
+        }
+        tracing::info!(
+            "trained {} iterations in {:.1} s; best validation Dice {:.4} at iteration {}",
+            self.iteration,
+            seconds,
+            self.best.0,
+            self.best.1
+        );
+        let test = match (&self.test_set, interrupted) {
+            (Some(test_set), false) => {
+                let best_dir = self.run.checkpoint(Which::Best);
+                let ckpt = Checkpoint::load(&best_dir)
+                    .with_context(|| format!("loading {}", best_dir.display()))?;
+                self.store.load_named_tensors(&ckpt.weights, true)?;
+                let out = self.run.root().join("eval-test");
+                let summary = evaluate_model(
+                    &self.model,
+                    test_set,
+                    &self.cfg,
+                    &self.device,
+                    &out,
+                    &self.cfg.data.path.display().to_string(),
+                    &best_dir.display().to_string(),
+                )?;
+                tracing::info!(
+                    "test split ({} cases): Dice {:.4} ± {:.4}, IoU {:.4} -> {}",
+                    summary.n_cases,
+                    summary.metrics["dice"].mean,
+                    summary.metrics["dice"].std,
+                    summary.metrics["iou"].mean,
+                    out.display()
+                );
+                Some(summary)
+            }
+            _ => None,
+        };
+        Ok(TrainOutcome {
+            iterations: self.iteration,
+            best_val_dice: self.best.0,
+            best_iteration: self.best.1,
+            interrupted,
+            test,
+            seconds,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_full_cover_each_epoch_and_are_reproducible() {
+        let n = 7;
+        let mut seen = vec![0usize; n];
+        // 7 iterations of batch 2 = exactly 2 epochs.
+        for t in 0..7 {
+            let b = batch_indices(3, n, 2, t);
+            assert_eq!(b.len(), 2);
+            assert_eq!(b, batch_indices(3, n, 2, t));
+            for i in b {
+                seen[i] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 2), "{seen:?}");
+        assert_ne!(
+            (0..7)
+                .flat_map(|t| batch_indices(3, n, 2, t))
+                .collect::<Vec<_>>(),
+            (0..7)
+                .flat_map(|t| batch_indices(4, n, 2, t))
+                .collect::<Vec<_>>()
+        );
+    }
+}

@@ -1,0 +1,191 @@
+//! Layer normalisation from differentiable primitives.
+//!
+//! `candle_nn::LayerNorm` dispatches contiguous inputs to a fused custom op without backward,
+//! so weights and inputs get no gradient and no error is raised. [`layer_norm`] computes the
+//! same function (PyTorch `F.layer_norm` over the last dimension, biased variance) with ops
+//! whose backward candle implements.
+
+use candle_core::{D, Module, Result, Tensor, bail};
+use candle_nn::{Init, VarBuilder};
+
+fn check_affine(x: &Tensor, p: Option<&Tensor>, what: &str) -> Result<()> {
+    if let Some(p) = p {
+        let last = x.dim(D::Minus1)?;
+        if p.dims() != [last] {
+            bail!(
+                "layer_norm: {what} has shape {:?}, expected [{last}] for input shape {:?}",
+                p.dims(),
+                x.dims()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Normalises `x` over its last dimension to zero mean and unit (biased) variance, then
+/// applies the optional per-feature `weight` and `bias` (each of shape `[last_dim]`).
+pub fn layer_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    check_affine(x, weight, "weight")?;
+    check_affine(x, bias, "bias")?;
+    let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let scaled = match weight {
+        Some(w) => normed.broadcast_mul(w)?,
+        None => normed,
+    };
+    match bias {
+        Some(b) => scaled.broadcast_add(b),
+        None => Ok(scaled),
+    }
+}
+
+/// A layer-norm layer with learnable `weight` (initialised to 1) and `bias` (initialised to 0)
+/// over the last dimension; a drop-in replacement for `candle_nn::LayerNorm` that trains.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    /// Per-feature scale, shape `[dim]`.
+    pub weight: Tensor,
+    /// Per-feature shift, shape `[dim]`.
+    pub bias: Tensor,
+    /// Added to the variance before the square root.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// Creates (or loads) the parameters `weight` and `bias` of size `dim` under `vb`.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        layer_norm(xs, Some(&self.weight), Some(&self.bias), self.eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{GradCheckOptions, assert_all_params_receive_gradient, check_gradients};
+    use crate::ops::test_inputs::{uniform, weighted_sum};
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn values_match_hand_computed() -> anyhow::Result<()> {
+        // Row [1, 2, 3, 4]: mean 2.5, biased variance 1.25, so (x - 2.5) / sqrt(1.25 + eps).
+        let x = Tensor::new(&[[1f64, 2.0, 3.0, 4.0]], &Device::Cpu)?;
+        let w = Tensor::new(&[1f64, 2.0, 1.0, 1.0], &Device::Cpu)?;
+        let b = Tensor::new(&[0f64, 0.0, 0.0, 10.0], &Device::Cpu)?;
+        let y = layer_norm(&x, Some(&w), Some(&b), 0.0)?.to_vec2::<f64>()?;
+        let s = 1.25f64.sqrt();
+        let want = [-1.5 / s, 2.0 * -0.5 / s, 0.5 / s, 1.5 / s + 10.0];
+        for (g, w) in y[0].iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{y:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn agrees_with_candle_nn_forward() -> anyhow::Result<()> {
+        let x = uniform(3, &[2, 3, 5], 2.0)?.to_dtype(DType::F32)?;
+        let w = uniform(4, &[5], 1.0)?.to_dtype(DType::F32)?;
+        let b = uniform(5, &[5], 1.0)?.to_dtype(DType::F32)?;
+        let ours = layer_norm(&x, Some(&w), Some(&b), 1e-5)?;
+        let theirs = candle_nn::LayerNorm::new(w, b, 1e-5).forward(&x)?;
+        let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "max diff {diff}");
+        Ok(())
+    }
+
+    /// Why this module exists: candle_nn's LayerNorm silently drops the gradient.
+    #[test]
+    fn guard_catches_candle_nn_layer_norm_dropping_gradients() -> anyhow::Result<()> {
+        // candle_nn's fused layer norm only supports f32/f16/bf16.
+        let w = candle_core::Var::from_tensor(&uniform(4, &[5], 1.0)?.to_dtype(DType::F32)?)?;
+        let x = candle_core::Var::from_tensor(&uniform(3, &[2, 5], 1.0)?.to_dtype(DType::F32)?)?;
+        let vars = vec![
+            ("input".to_string(), x.clone()),
+            ("weight".to_string(), w.clone()),
+        ];
+        let b = Tensor::zeros(5, DType::F32, &Device::Cpu)?;
+        let theirs = candle_nn::LayerNorm::new(w.as_tensor().clone(), b.clone(), 1e-5);
+        let loss = weighted_sum(&theirs.forward(x.as_tensor())?, 2)?;
+        let err = assert_all_params_receive_gradient(&loss, &vars)
+            .expect_err("candle_nn LayerNorm was expected to drop the gradient")
+            .to_string();
+        assert!(err.contains("input") && err.contains("weight"), "{err}");
+        let ours = layer_norm(x.as_tensor(), Some(w.as_tensor()), Some(&b), 1e-5)?;
+        assert_all_params_receive_gradient(&weighted_sum(&ours, 2)?, &vars)?;
+        Ok(())
+    }
+
+    #[test]
+    fn gradcheck_input_weight_bias() -> anyhow::Result<()> {
+        for (seed, dims) in [(1u64, vec![7usize]), (2, vec![3, 4]), (3, vec![2, 1, 3, 5])] {
+            let last = *dims.last().unwrap_or(&1);
+            let x = uniform(seed, &dims, 2.0)?;
+            let w = uniform(seed + 10, &[last], 1.5)?;
+            let b = uniform(seed + 20, &[last], 1.0)?;
+            check_gradients(
+                |v| weighted_sum(&layer_norm(&v[0], Some(&v[1]), Some(&v[2]), 1e-5)?, seed),
+                &[x.clone(), w, b],
+                GradCheckOptions::default(),
+            )?
+            .ensure(1e-6)?;
+            check_gradients(
+                |v| weighted_sum(&layer_norm(&v[0], None, None, 1e-3)?, seed),
+                &[x],
+                GradCheckOptions::default(),
+            )?
+            .ensure(1e-6)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn module_initialises_and_trains_all_params() -> anyhow::Result<()> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+        let ln = LayerNorm::new(4, 1e-5, vb.pp("norm"))?;
+        assert_eq!(ln.weight.to_vec1::<f64>()?, vec![1.0; 4]);
+        assert_eq!(ln.bias.to_vec1::<f64>()?, vec![0.0; 4]);
+        let x = uniform(7, &[3, 4], 1.0)?;
+        let loss = weighted_sum(&ln.forward(&x)?, 8)?;
+        let vars: Vec<(String, candle_core::Var)> = varmap
+            .data()
+            .lock()
+            .map_err(|e| anyhow::anyhow!("varmap lock poisoned: {e}"))?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut names: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["norm.bias", "norm.weight"]);
+        assert_all_params_receive_gradient(&loss, &vars)?;
+        Ok(())
+    }
+
+    #[test]
+    fn wrong_affine_shape_is_an_error() -> anyhow::Result<()> {
+        let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?;
+        let w = Tensor::ones(3, DType::F32, &Device::Cpu)?;
+        let err = layer_norm(&x, Some(&w), None, 1e-5)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("weight") && err.contains("[3]") && err.contains("[4]"),
+            "{err}"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests: they run the real `genseg` binary on small data.
+
+mod data_cli;
+mod support;
+mod train_cli;

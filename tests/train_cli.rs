@@ -1,0 +1,367 @@
+//! End-to-end training tests on built-in phantoms: the baseline learns,
+//! resume after SIGKILL is bit-identical, evaluate and predict work, and bad
+//! inputs give named errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use genseg_backbones::metrics::{BinaryMask, MetricOptions, case_metrics};
+use genseg_data::dataset::{DataConfig, Dataset, ImageSize};
+
+use crate::support::genseg_bin;
+
+/// The binary with one compute thread: the tests run in parallel, and
+/// candle's spinning thread pool would otherwise fight over the cores.
+fn command() -> Command {
+    let mut cmd = Command::new(genseg_bin());
+    cmd.env("CANDLE_NUM_THREADS", "1")
+        .env("RAYON_NUM_THREADS", "1");
+    cmd
+}
+
+fn genseg(args: &[&str]) -> Output {
+    command()
+        .args(args)
+        .output()
+        .expect("the genseg binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = genseg(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "genseg {} failed:\n{stderr}",
+        args.join(" ")
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = genseg(args);
+    assert!(
+        !out.status.success(),
+        "genseg {} should fail",
+        args.join(" ")
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn phantoms(dir: &Path, kind: &str, n: usize, extra: &[&str]) {
+    let (n, out) = (n.to_string(), s(dir));
+    let mut args = vec![
+        "data", "phantoms", "--kind", kind, "--n", &n, "--size", "64", "--seed", "5", "--out", &out,
+    ];
+    args.extend(extra);
+    ok(&args);
+}
+
+/// A small, fast configuration for tests.
+const SMALL: &[&str] = &[
+    "--set",
+    "data.size=64",
+    "--set",
+    "model.unet.base_width=8",
+    "--set",
+    "model.unet.depth=3",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.lr=0.003",
+    "--set",
+    "train.val_every=20",
+];
+
+fn train(data: &Path, out: &Path, iterations: u64, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--data",
+        &s(data),
+        "--n-train",
+        "12",
+        "--n-val",
+        "4",
+        "--seed",
+        "1",
+        "--out",
+        &s(out),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(SMALL.iter().map(|a| a.to_string()));
+    args.extend(["--set".into(), format!("train.iterations={iterations}")]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn run_train(args: &[String]) -> String {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&refs)
+}
+
+fn summary(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("summary.json exists"))
+        .expect("valid JSON")
+}
+
+#[test]
+fn baseline_beats_the_mean_mask_and_evaluate_predict_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("skin");
+    phantoms(&data, "skin", 40, &[]);
+    let run = tmp.path().join("run");
+    run_train(&train(&data, &run, 200, &[]));
+    for f in [
+        "config.toml",
+        "split.json",
+        "train.log",
+        "metrics.jsonl",
+        "progress.png",
+        "best/weights.safetensors",
+        "last/state.json",
+    ] {
+        assert!(run.join(f).exists(), "run folder lacks {f}");
+    }
+    let test = summary(&run.join("eval-test/summary.json"));
+    let model_dice = test["dice"]["mean"].as_f64().unwrap();
+
+    // The trivial predictor: the mean training mask, thresholded at 0.5.
+    let cfg = DataConfig {
+        size: Some(ImageSize::square(64)),
+        ..DataConfig::default()
+    };
+    let ds = Dataset::load(&data, &cfg).unwrap();
+    let split: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("split.json")).unwrap()).unwrap();
+    let ids = |key: &str| -> Vec<String> {
+        split[0][key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let (train_ids, test_ids) = (ids("train"), ids("test"));
+    let mut mean = vec![0f64; 64 * 64];
+    for i in ds.indices_of(&train_ids).unwrap() {
+        for (m, &v) in mean.iter_mut().zip(&ds.samples()[i].mask) {
+            *m += v as f64 / train_ids.len() as f64;
+        }
+    }
+    let trivial = BinaryMask {
+        height: 64,
+        width: 64,
+        pixels: mean.iter().map(|&v| v > 0.5).collect(),
+    };
+    let test_idx = ds.indices_of(&test_ids).unwrap();
+    let trivial_dice: f64 = test_idx
+        .iter()
+        .map(|&i| {
+            let truth = BinaryMask {
+                height: 64,
+                width: 64,
+                pixels: ds.samples()[i].mask.iter().map(|&v| v > 0).collect(),
+            };
+            case_metrics(&trivial, &truth, &MetricOptions::default())
+                .unwrap()
+                .dice
+                .unwrap()
+        })
+        .sum::<f64>()
+        / test_idx.len() as f64;
+    assert!(
+        model_dice > trivial_dice + 0.15,
+        "model test Dice {model_dice:.3} is not clearly above the mean-mask predictor's {trivial_dice:.3}"
+    );
+
+    // Out-of-domain evaluation on a shifted phantom domain.
+    let shifted = tmp.path().join("shifted");
+    phantoms(&shifted, "skin", 6, &["--shifted"]);
+    let eval_out = tmp.path().join("eval");
+    let line = ok(&[
+        "evaluate",
+        "--run",
+        &s(&run),
+        "--data",
+        &s(&shifted),
+        "--out",
+        &s(&eval_out),
+    ]);
+    assert!(line.contains("6 cases"), "{line}");
+    let ood = summary(&eval_out.join("summary.json"));
+    for key in [
+        "dice",
+        "iou",
+        "precision",
+        "recall",
+        "n_cases",
+        "dataset",
+        "checkpoint",
+        "empty_policy",
+    ] {
+        assert!(ood.get(key).is_some(), "summary.json lacks {key}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(eval_out.join("per_case.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        7
+    );
+
+    // Predict writes masks at the input's original size.
+    let big = tmp.path().join("big");
+    let pred = tmp.path().join("pred");
+    ok(&[
+        "data",
+        "phantoms",
+        "--kind",
+        "skin",
+        "--n",
+        "2",
+        "--size",
+        "80",
+        "--seed",
+        "9",
+        "--out",
+        &s(&big),
+    ]);
+    let line = ok(&[
+        "predict",
+        "--run",
+        &s(&run),
+        "--input",
+        &s(&big.join("images")),
+        "--out",
+        &s(&pred),
+    ]);
+    assert!(line.contains("2 image(s)"), "{line}");
+    let masks: Vec<PathBuf> = std::fs::read_dir(pred.join("masks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(masks.len(), 2);
+    let m = image::open(&masks[0]).unwrap().to_luma8();
+    assert_eq!(m.dimensions(), (80, 80));
+    assert!(m.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
+    assert_eq!(std::fs::read_dir(pred.join("overlays")).unwrap().count(), 2);
+
+    // A corrupt checkpoint is a named error, not a panic.
+    std::fs::write(
+        run.join("best/weights.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
+    let err = fails(&["evaluate", "--run", &s(&run)]);
+    assert!(err.contains("weights.safetensors"), "{err}");
+}
+
+#[test]
+fn resume_after_sigkill_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("lungs");
+    phantoms(&data, "lungs", 20, &[]);
+    let total = 120;
+    let every = ["--set", "train.checkpoint_every=10", "--method", "flip"];
+
+    let straight = tmp.path().join("straight");
+    run_train(&train(&data, &straight, total, &every));
+
+    let killed = tmp.path().join("killed");
+    let args = train(&data, &killed, total, &every);
+    let mut child = command()
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = killed.join("last/state.json");
+    let started = Instant::now();
+    let step = |p: &Path| -> Option<u64> {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+        v["step"].as_u64()
+    };
+    while step(&state).is_none_or(|s| s < 30) {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint at step 30 in time"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = step(&state).unwrap();
+    assert!(at_kill < total, "killed after the end ({at_kill})");
+
+    ok(&["train", "--resume", &s(&killed)]);
+    for f in ["last/weights.safetensors", "best/weights.safetensors"] {
+        let a = std::fs::read(straight.join(f)).unwrap();
+        let b = std::fs::read(killed.join(f)).unwrap();
+        assert!(
+            a == b,
+            "{f} differs between the uninterrupted and the resumed run (killed at step {at_kill})"
+        );
+    }
+    let lines = |p: &Path| {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(
+        lines(&straight),
+        lines(&killed),
+        "metrics.jsonl has one line per logged step after resume"
+    );
+}
+
+#[test]
+fn bad_inputs_are_named_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    phantoms(&data, "lungs", 8, &[]);
+    let run = tmp.path().join("r");
+    let mut args = train(&data, &run, 2, &[]);
+    args.extend(["--set".into(), "train.lrr=1".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&refs);
+    assert!(
+        err.contains("train.lrr") && err.contains("train.iterations"),
+        "{err}"
+    );
+    let err = fails(&[
+        "train",
+        "--data",
+        &s(&tmp.path().join("missing")),
+        "--out",
+        &s(&run),
+    ]);
+    assert!(err.contains("missing"), "{err}");
+    let err = fails(&["train", "--resume", &s(&tmp.path().join("nothing"))]);
+    assert!(err.contains("not a run folder"), "{err}");
+    let err = fails(&[
+        "train",
+        "--data",
+        &s(&data),
+        "--n-train",
+        "7",
+        "--n-val",
+        "4",
+        "--out",
+        &s(&run),
+    ]);
+    assert!(
+        err.contains('7') || err.contains("11"),
+        "split larger than the pool: {err}"
+    );
+}
