@@ -1,5 +1,6 @@
 //! End-to-end tests: they run the real `genseg` binary on small data.
 
 mod data_cli;
+mod generator_cli;
 mod support;
 mod train_cli;

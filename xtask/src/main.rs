@@ -131,7 +131,7 @@ fn demo(root: &Path, out: &Path) -> Result<()> {
             "--set",
             "data.size=96",
             "--set",
-            "train.iterations=300",
+            "train.iterations=150",
         ],
     )?;
     genseg(&bin, &["evaluate", "--run", &run, "--data", &shifted])?;

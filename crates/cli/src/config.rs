@@ -19,6 +19,9 @@ use genseg_data::preprocess::{ChannelPolicy, ImageFilter, MaskRule};
 use genseg_nn::optim::{Adam, AdamConfig, Optimizer, RmsProp, RmsPropConfig, Sgd, SgdConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::run_dir::Which;
+use crate::synth::PostChoice;
+
 /// Starting points for a run's configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
 #[serde(rename_all = "snake_case")]
@@ -46,6 +49,8 @@ pub enum Method {
     Translate,
     /// + a loss term on a copy flipped, rotated and translated.
     Combine,
+    /// + a loss term on synthetic pairs from a frozen generator (the paper's "Separate").
+    Separate,
 }
 
 impl std::fmt::Display for Method {
@@ -56,6 +61,7 @@ impl std::fmt::Display for Method {
             Method::Rotate => "rotate",
             Method::Translate => "translate",
             Method::Combine => "combine",
+            Method::Separate => "separate",
         })
     }
 }
@@ -91,6 +97,13 @@ pub struct DataSection {
 }
 
 impl DataSection {
+    /// Loads the dataset folder `path` with this section's preprocessing.
+    pub fn load(&self, path: &std::path::Path) -> Result<genseg_data::dataset::Dataset> {
+        use anyhow::Context;
+        genseg_data::dataset::Dataset::load(path, &self.data_config()?)
+            .with_context(|| format!("loading dataset {}", path.display()))
+    }
+
     /// The genseg-data reading options.
     pub fn data_config(&self) -> Result<DataConfig> {
         let mask_rule = parse_mask_rule(&self.mask_rule)?;
@@ -237,6 +250,32 @@ pub struct AugmentSection {
     pub translate_fraction: f64,
 }
 
+/// `[separate]`: the synthetic data of `--method separate`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SeparateSection {
+    /// The generator's pre-training run (`genseg pretrain-generator --out`); stored
+    /// absolute so that `--resume` finds it from anywhere.
+    pub generator: PathBuf,
+    /// Which of its checkpoints: `best` (lowest validation L1) or `last`.
+    pub checkpoint: Which,
+    /// Weight λ of the synthetic loss term (1 in the reference).
+    pub weight: f64,
+    /// Post-processing of synthetic images: `auto`, `min_max`, `xray` or `rgb`.
+    pub postprocess: PostChoice,
+}
+
+impl Default for SeparateSection {
+    fn default() -> Self {
+        Self {
+            generator: PathBuf::new(),
+            checkpoint: Which::Best,
+            weight: 1.0,
+            postprocess: PostChoice::Auto,
+        }
+    }
+}
+
 /// The whole configuration of a training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -253,6 +292,9 @@ pub struct RunConfig {
     pub train: TrainSection,
     /// `[augment]`.
     pub augment: AugmentSection,
+    /// `[separate]` (absent from configs written before it existed: defaults).
+    #[serde(default)]
+    pub separate: SeparateSection,
     /// `[eval]`: metric options for validation and evaluation.
     pub eval: MetricOptions,
 }
@@ -299,6 +341,7 @@ impl RunConfig {
                 rotate_degrees: 8.0,
                 translate_fraction: 0.1,
             },
+            separate: SeparateSection::default(),
             eval: MetricOptions::default(),
         };
         match profile {
@@ -307,8 +350,10 @@ impl RunConfig {
                 let mut cpu = paper;
                 cpu.data.size = 128;
                 cpu.model.unet.base_width = 16;
-                cpu.train.iterations = 600;
-                cpu.train.batch_size = 4;
+                // Measured (docs/results.md): ~0.6-0.9 s per step on 2 cores,
+                // Montgomery validation Dice plateaus after ~150 iterations.
+                cpu.train.iterations = 300;
+                cpu.train.batch_size = 2;
                 cpu.train.lr = 1e-3;
                 cpu.train.val_every = 25;
                 cpu.train.checkpoint_every = 50;
@@ -343,6 +388,18 @@ impl RunConfig {
             self.model.unet.depth
         );
         anyhow::ensure!(self.data.n_train > 0, "data.n_train must be > 0");
+        if self.method == Method::Separate {
+            anyhow::ensure!(
+                !self.separate.generator.as_os_str().is_empty(),
+                "--method separate needs a pre-trained generator: pass --generator <run> \
+                 (separate.generator)"
+            );
+            anyhow::ensure!(
+                self.separate.weight.is_finite() && self.separate.weight >= 0.0,
+                "separate.weight {} must be a number >= 0",
+                self.separate.weight
+            );
+        }
         self.model.unet.validate()?;
         self.data.data_config()?;
         Ok(())

@@ -19,7 +19,7 @@ use genseg_nn::checkpoint::Checkpoint;
 
 use crate::config::RunConfig;
 use crate::run_dir::{RunDir, Which};
-use crate::train::{build_model, load_dataset};
+use crate::train::build_model;
 
 /// Which cases of the dataset to score.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -113,7 +113,7 @@ pub fn evaluate_run(
     } else {
         ChannelPolicy::Rgb
     };
-    let data = load_dataset(&cfg, &data_dir)?;
+    let data = cfg.data.load(&data_dir)?;
     let data = match split {
         SplitChoice::All => data,
         SplitChoice::Test | SplitChoice::Val => {

@@ -6,17 +6,24 @@
 //!   [`overrides`] layers config files and `--set key=value` on top.
 //! - [`train`]: supervised training (baseline and augmentation baselines)
 //!   with validation, best/last checkpoints and exact resume.
+//! - [`pretrain`]: pix2pix pre-training of the mask-to-image generator; [`synth`] loads
+//!   it and turns augmented masks into post-processed synthetic images (the `separate`
+//!   method and [`generate`]); [`ssim`] scores its images.
 //! - [`evaluate`] and [`predict`]: scoring and inference from a run folder.
 //! - [`run_dir`]: the run folder layout; [`plot`]: `progress.png`.
 
 pub mod augment;
 pub mod config;
 pub mod evaluate;
+pub mod generate;
 pub mod overrides;
 pub mod plot;
 pub mod predict;
+pub mod pretrain;
 pub mod run_dir;
 pub mod seeding;
+pub mod ssim;
+pub mod synth;
 pub mod train;
 
 use std::fs::File;
@@ -71,7 +78,9 @@ pub fn init_logging(verbosity: u8) {
         1 => "debug",
         _ => "trace",
     };
-    let default = format!("warn,genseg={level},genseg_nn={level},genseg_data={level}");
+    let default = format!(
+        "warn,genseg={level},genseg_nn={level},genseg_data={level},genseg_generator={level},genseg_masks={level}"
+    );
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     // A second call (tests) keeps the first subscriber; that is not an error.
     let _ = tracing_subscriber::fmt()

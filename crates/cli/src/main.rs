@@ -31,8 +31,12 @@ enum Commands {
         #[command(subcommand)]
         cmd: commands::data::DataCommand,
     },
+    /// Pre-train the mask-to-image generator with pix2pix (or resume a run).
+    PretrainGenerator(commands::pretrain::PretrainArgs),
     /// Train a segmentation model (or resume a run).
     Train(commands::train::TrainArgs),
+    /// Write a synthetic dataset with a pre-trained generator.
+    Generate(commands::generate::GenerateArgs),
     /// Score a run's checkpoint on a dataset folder.
     Evaluate(commands::evaluate::EvaluateArgs),
     /// Segment new images with a trained run.
@@ -52,19 +56,29 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Ctrl-C (or SIGTERM) asks a training loop to stop after the current step; it then
+/// writes last/ so nothing computed is lost.
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+    Ok(stop)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let device = genseg_nn::device::parse_device(&cli.device)?;
     tracing::debug!(device = %genseg_nn::device::device_label(&device), "device selected");
     match cli.command {
         Commands::Data { cmd } => commands::data::run(cmd),
         Commands::Train(args) => {
-            // Ctrl-C (or SIGTERM) asks the loop to stop after the current
-            // step; it then writes last/ so nothing computed is lost.
-            let stop = Arc::new(AtomicBool::new(false));
-            let flag = stop.clone();
-            ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+            let stop = stop_flag()?;
             commands::train::run(args, &device, &stop)
         }
+        Commands::PretrainGenerator(args) => {
+            let stop = stop_flag()?;
+            commands::pretrain::run(args, &device, &stop)
+        }
+        Commands::Generate(args) => commands::generate::run(args, &device),
         Commands::Evaluate(args) => commands::evaluate::run(args, &device),
         Commands::Predict(args) => commands::predict::run(args, &device),
     }

@@ -59,12 +59,14 @@ pub fn plot_panels(path: &Path, panels: &[(&str, &str, Vec<Series>)]) -> Result<
             let mut chart = ChartBuilder::on(area)
                 .caption(*title, (FONT, 20))
                 .margin(10)
+                .margin_right(30)
                 .x_label_area_size(35)
                 .y_label_area_size(60)
                 .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))?;
             chart
                 .configure_mesh()
                 .x_desc("iteration")
+                .x_label_formatter(&|x| format!("{x:.0}"))
                 .y_desc(*y_label)
                 .label_style((FONT, 14))
                 .axis_desc_style((FONT, 15))

@@ -108,6 +108,30 @@ impl RunDir {
         genseg_nn::checkpoint::write_atomic(&self.config_path(), text.as_bytes())
     }
 
+    /// The run's split (fold 0 of `split.json`), checked against `ids`.
+    pub fn split(&self, ids: &[String]) -> Result<genseg_data::split::Split> {
+        let splits = genseg_data::split::read_split_file(&self.split_path())?;
+        let split = genseg_data::split::select_fold(&splits, 0)?.clone();
+        split.validate(ids)?;
+        Ok(split)
+    }
+
+    /// The `last/` checkpoint, or `None` (with a warning) when the run has
+    /// not written one yet.
+    pub fn last_checkpoint(&self) -> Result<Option<genseg_nn::checkpoint::Checkpoint>> {
+        let last = self.checkpoint(Which::Last);
+        if !last.join("state.json").exists() {
+            tracing::warn!(
+                "{} has no last/ checkpoint yet: starting from iteration 0",
+                self.root.display()
+            );
+            return Ok(None);
+        }
+        let ckpt = genseg_nn::checkpoint::Checkpoint::load(&last)
+            .with_context(|| format!("loading checkpoint {}", last.display()))?;
+        Ok(Some(ckpt))
+    }
+
     /// Reads the config back.
     pub fn read_config<T: DeserializeOwned>(&self) -> Result<T> {
         let path = self.config_path();

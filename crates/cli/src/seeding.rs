@@ -15,6 +15,19 @@ pub enum Purpose {
     BatchOrder = 2,
     /// Augmentation draws, one stream per iteration.
     Augment = 3,
+    /// Generator weight initialisation (pix2pix pre-training).
+    GeneratorWeights = 4,
+    /// Discriminator weight initialisation (pix2pix pre-training).
+    DiscriminatorWeights = 5,
+    /// The generator's dropout masks, one stream per iteration (or per generated batch).
+    GeneratorDropout = 6,
+    /// The generator's dropout masks during validation, one stream per validation.
+    ValidationDropout = 7,
+    /// The geometric augmentation of masks before synthesis, one stream per iteration
+    /// (or per generated sample).
+    MaskAugment = 8,
+    /// Random post-processing decisions of synthetic images, one stream per iteration.
+    PostProcess = 9,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.

@@ -1,10 +1,13 @@
-//! Supervised training of a segmentation model: the baseline and the
-//! augmentation baselines (`genseg train --method baseline|flip|...`).
+//! Supervised training of a segmentation model: the baseline, the
+//! augmentation baselines (`genseg train --method baseline|flip|...`) and the
+//! "Separate" baseline (`--method separate`).
 //!
 //! One iteration: a batch of real pairs (order from a per-epoch seeded
 //! shuffle), the configured loss, plus for augmentation methods the same loss
-//! on an augmented copy weighted by `augment.weight`; backward; optimizer
-//! step. Every `val_every` iterations the model is scored on the validation
+//! on an augmented copy weighted by `augment.weight`, or for `separate` the
+//! same loss on a synthetic batch weighted by `separate.weight`: the batch's
+//! masks augmented afresh and painted by a frozen pre-trained generator
+//! ([`crate::synth`]); backward; optimizer step. Every `val_every` iterations the model is scored on the validation
 //! split (Dice, eval mode) and the best is checkpointed to `best/`; `last/` is
 //! refreshed every `checkpoint_every` iterations, at the end and on Ctrl-C.
 //! Resuming from `last/` is bit-exact: weights, BatchNorm statistics and the
@@ -37,6 +40,7 @@ use crate::evaluate::evaluate_model;
 use crate::plot::{Series, plot_panels};
 use crate::run_dir::{MetricsLog, RunDir, Which, read_lines};
 use crate::seeding::{Purpose, rng_for, seed_for};
+use crate::synth::{Synthesizer, load_generator};
 
 /// What a finished (or interrupted) training run reports.
 #[derive(Debug, Clone)]
@@ -66,15 +70,9 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(ParamStore, UNet
     Ok((store, model))
 }
 
-/// Loads the dataset of `cfg.data.path` with the run's preprocessing.
-pub fn load_dataset(cfg: &RunConfig, path: &Path) -> Result<Dataset> {
-    let data_cfg = cfg.data.data_config()?;
-    Dataset::load(path, &data_cfg).with_context(|| format!("loading dataset {}", path.display()))
-}
-
 /// The batch of iteration `t`: a continuous stream over per-epoch shuffles, so
 /// every batch is full and the order depends only on `(seed, t)`.
-fn batch_indices(seed: u64, n: usize, batch: usize, t: u64) -> Vec<usize> {
+pub(crate) fn batch_indices(seed: u64, n: usize, batch: usize, t: u64) -> Vec<usize> {
     let start = t as usize * batch;
     let mut cached: Option<(usize, Vec<usize>)> = None;
     (start..start + batch)
@@ -132,6 +130,43 @@ struct Trainer<'a> {
     best: (f64, u64),
     metrics: MetricsLog,
     stop: &'a AtomicBool,
+    /// The frozen generator of `--method separate`.
+    synth: Option<Synthesizer>,
+}
+
+/// Loads the generator of `--method separate` and checks it against the data:
+/// same image size and channels.
+fn synthesizer(cfg: &RunConfig, channels: usize, device: &Device) -> Result<Option<Synthesizer>> {
+    if cfg.method != Method::Separate {
+        return Ok(None);
+    }
+    let s = &cfg.separate;
+    let loaded = load_generator(&s.generator, s.checkpoint, device)?;
+    anyhow::ensure!(
+        loaded.image_size() == cfg.data.size as usize,
+        "generator run {} makes {} px images but data.size is {}: pre-train at the same size \
+         or set data.size={}",
+        s.generator.display(),
+        loaded.image_size(),
+        cfg.data.size,
+        loaded.image_size()
+    );
+    anyhow::ensure!(
+        loaded.channels() == channels,
+        "generator run {} makes {}-channel images but {} has {} channel(s)",
+        s.generator.display(),
+        loaded.channels(),
+        cfg.data.path.display(),
+        channels
+    );
+    let post = s.postprocess.config(channels, cfg.data.equalize_gamma);
+    tracing::info!(
+        "separate: generator {} (iteration {}), post-processing {:?}",
+        loaded.checkpoint.display(),
+        loaded.config.train.iterations,
+        post.steps
+    );
+    Ok(Some(Synthesizer::new(loaded, post)?))
 }
 
 /// Starts a new run in `out`.
@@ -142,11 +177,23 @@ pub fn train(
     stop: &AtomicBool,
 ) -> Result<TrainOutcome> {
     cfg.validate()?;
+    let mut cfg = cfg;
+    if cfg.method == Method::Separate {
+        // Absolute, so `--resume` from another folder still finds the generator.
+        let g = &cfg.separate.generator;
+        cfg.separate.generator = std::fs::canonicalize(g)
+            .with_context(|| format!("generator run {} not found", g.display()))?;
+    }
+    // Absolute, so `--resume` from another working directory finds the data.
+    let data_path = &cfg.data.path;
+    cfg.data.path = std::fs::canonicalize(data_path)
+        .with_context(|| format!("dataset folder {} not found", data_path.display()))?;
     let run = RunDir::create(out)?;
     crate::log_to_file(&run.log_path())?;
-    let mut cfg = cfg;
-    let data = load_dataset(&cfg, &cfg.data.path)?;
+    let data = cfg.data.load(&cfg.data.path)?;
     cfg.model.unet.in_channels = data.channels();
+    // Fail before config.toml is written when the generator does not fit the data.
+    let synth = synthesizer(&cfg, data.channels(), device)?;
     let split = if cfg.data.split_file.as_os_str().is_empty() {
         Split::low_data(&data.ids(), cfg.data.n_train, cfg.data.n_val, cfg.seed)?
     } else {
@@ -167,7 +214,7 @@ pub fn train(
         data.channels(),
         cfg.data.size
     );
-    let trainer = Trainer::new(cfg, run, device, &data, &split, stop, None)?;
+    let trainer = Trainer::new(cfg, run, device, &data, &split, stop, None, synth)?;
     trainer.run()
 }
 
@@ -177,28 +224,16 @@ pub fn resume(run_dir: &Path, device: &Device, stop: &AtomicBool) -> Result<Trai
     crate::log_to_file(&run.log_path())?;
     let cfg: RunConfig = run.read_config()?;
     cfg.validate()?;
-    let data = load_dataset(&cfg, &cfg.data.path)?;
-    let splits = read_split_file(&run.split_path())?;
-    let split = select_fold(&splits, 0)?.clone();
-    split.validate(&data.ids())?;
-    let last = run.checkpoint(Which::Last);
-    let ckpt = if last.join("state.json").exists() {
-        Some(
-            Checkpoint::load(&last)
-                .with_context(|| format!("loading checkpoint {}", last.display()))?,
-        )
-    } else {
-        tracing::warn!(
-            "{} has no last/ checkpoint yet: starting from iteration 0",
-            run_dir.display()
-        );
-        None
-    };
-    let trainer = Trainer::new(cfg, run, device, &data, &split, stop, ckpt)?;
+    let data = cfg.data.load(&cfg.data.path)?;
+    let split = run.split(&data.ids())?;
+    let ckpt = run.last_checkpoint()?;
+    let synth = synthesizer(&cfg, data.channels(), device)?;
+    let trainer = Trainer::new(cfg, run, device, &data, &split, stop, ckpt, synth)?;
     trainer.run()
 }
 
 impl<'a> Trainer<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: RunConfig,
         run: RunDir,
@@ -207,6 +242,7 @@ impl<'a> Trainer<'a> {
         split: &Split,
         stop: &'a AtomicBool,
         ckpt: Option<Checkpoint>,
+        synth: Option<Synthesizer>,
     ) -> Result<Self> {
         let subset =
             |ids: &[String]| -> Result<Dataset> { Ok(data.subset(&data.indices_of(ids)?)?) };
@@ -259,6 +295,7 @@ impl<'a> Trainer<'a> {
             best,
             metrics,
             stop,
+            synth,
         })
     }
 
@@ -294,7 +331,19 @@ impl<'a> Trainer<'a> {
         let real = loss_fn.forward(&self.model.forward_t(&x, true)?, &y)?;
         let mut total = real.clone();
         let mut aug_value = None;
-        if self.cfg.method != Method::Baseline {
+        if let Some(synth) = &self.synth {
+            let it = self.iteration;
+            let seed = self.cfg.seed;
+            let batch = synth.synthesize(
+                &y,
+                Some(&mut rng_for(seed, Purpose::MaskAugment, it)),
+                &mut rng_for(seed, Purpose::GeneratorDropout, it),
+                &mut rng_for(seed, Purpose::PostProcess, it),
+            )?;
+            let syn = loss_fn.forward(&self.model.forward_t(&batch.images, true)?, &batch.masks)?;
+            aug_value = Some(syn.to_scalar::<f32>()? as f64);
+            total = (total + (syn * self.cfg.separate.weight)?)?;
+        } else if self.cfg.method != Method::Baseline {
             let mut rng = rng_for(self.cfg.seed, Purpose::Augment, self.iteration);
             let (xa, ya) = augment_batch(&x, &y, self.cfg.method, &self.cfg.augment, &mut rng)?;
             let aug = loss_fn.forward(&self.model.forward_t(&xa, true)?, &ya)?;
@@ -314,7 +363,12 @@ impl<'a> Trainer<'a> {
                 .filter_map(|v| Some((v.get("iteration")?.as_f64()?, v.get(key)?.as_f64()?)))
                 .collect()
         };
-        let (loss, aug, val) = (pts("loss"), pts("loss_augmented"), pts("val_dice"));
+        let (loss, val) = (pts("loss"), pts("val_dice"));
+        let (aug, aug_label) = if self.cfg.method == Method::Separate {
+            (pts("loss_synthetic"), "synthetic")
+        } else {
+            (pts("loss_augmented"), "augmented")
+        };
         let mut loss_series = vec![Series {
             label: "real",
             points: &loss,
@@ -322,7 +376,7 @@ impl<'a> Trainer<'a> {
         }];
         if !aug.is_empty() {
             loss_series.push(Series {
-                label: "augmented",
+                label: aug_label,
                 points: &aug,
                 color: plotters::style::GREEN,
             });
@@ -375,7 +429,12 @@ impl<'a> Trainer<'a> {
                 "step_seconds": t0.elapsed().as_secs_f64(),
             });
             if let Some(a) = aug {
-                record["loss_augmented"] = json!(a);
+                let key = if self.cfg.method == Method::Separate {
+                    "loss_synthetic"
+                } else {
+                    "loss_augmented"
+                };
+                record[key] = json!(a);
             }
             let validate = it % self.cfg.train.val_every == 0 || it == total;
             if validate {

@@ -3,5 +3,7 @@
 
 pub mod data;
 pub mod evaluate;
+pub mod generate;
 pub mod predict;
+pub mod pretrain;
 pub mod train;

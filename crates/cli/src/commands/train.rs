@@ -27,6 +27,9 @@ pub struct TrainArgs {
     /// The run's one seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// `--method separate`: the generator's pre-training run (sets `separate.generator`).
+    #[arg(long)]
+    generator: Option<PathBuf>,
     /// The run folder to create.
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
@@ -40,7 +43,7 @@ pub struct TrainArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// Continue the run in this folder from its last checkpoint.
-    #[arg(long, conflicts_with_all = ["method", "data", "n_train", "n_val", "seed", "out", "config", "sets"])]
+    #[arg(long, conflicts_with_all = ["method", "data", "n_train", "n_val", "seed", "generator", "out", "config", "sets"])]
     resume: Option<PathBuf>,
 }
 
@@ -66,6 +69,15 @@ impl TrainArgs {
         }
         if let Some(s) = self.seed {
             cfg.seed = s;
+        }
+        if let Some(g) = &self.generator {
+            if cfg.method != Method::Separate {
+                bail!(
+                    "--generator is used by --method separate only (the method is {})",
+                    cfg.method
+                );
+            }
+            cfg.separate.generator = g.clone();
         }
         if cfg.data.path.as_os_str().is_empty() {
             bail!("no dataset: pass --data <dir> or set data.path");

@@ -1,0 +1,72 @@
+//! `genseg generate`: write a synthetic dataset with a pre-trained generator.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::Args;
+use genseg::generate::{GenerateOptions, OutputLayout, generate};
+use genseg::run_dir::Which;
+use genseg::synth::PostChoice;
+
+/// Arguments of `genseg generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// The generator's pre-training run (`genseg pretrain-generator --out`).
+    #[arg(long)]
+    generator: PathBuf,
+    /// Which of its checkpoints.
+    #[arg(long, value_enum, default_value_t = Which::Best)]
+    checkpoint: Which,
+    /// Source of masks: any dataset folder (its masks are used) or a folder of mask images.
+    #[arg(long)]
+    masks: PathBuf,
+    /// Number of pairs to write.
+    #[arg(long, default_value_t = 200)]
+    n: usize,
+    /// Seed of the mask augmentations and dropout masks.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder (must not exist or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    /// Output layout.
+    #[arg(long, value_enum, default_value_t = OutputLayout::Folder)]
+    layout: OutputLayout,
+    /// Images synthesised (and min-max normalised) together.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Post-processing: auto (equalise + gamma when the generator's data was), min_max, xray, rgb.
+    #[arg(long, value_enum, default_value_t = PostChoice::Auto)]
+    postprocess: PostChoice,
+    /// Paint the masks as they are instead of augmenting them first.
+    #[arg(long)]
+    no_augment: bool,
+}
+
+/// Runs `genseg generate`.
+pub fn run(args: GenerateArgs, device: &Device) -> Result<()> {
+    let opts = GenerateOptions {
+        generator: args.generator,
+        checkpoint: args.checkpoint,
+        masks: args.masks,
+        n: args.n,
+        seed: args.seed,
+        out: args.out,
+        layout: args.layout,
+        batch_size: args.batch_size,
+        postprocess: args.postprocess,
+        augment: !args.no_augment,
+    };
+    let outcome = generate(&opts, device)?;
+    println!(
+        "{} synthetic pair(s) of {}x{} ({} channel(s)) from {} mask(s) -> {}",
+        outcome.n,
+        outcome.size,
+        outcome.size,
+        outcome.channels,
+        outcome.source_masks,
+        opts.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Synthetic pairs from a pre-trained generator: the part shared by `genseg train --method
+//! separate` and `genseg generate`.
+//!
+//! A [`Synthesizer`] holds a frozen generator loaded from a pre-training run
+//! ([`load_generator`]), the reference's mask augmentation ([`MaskAugmenter`] with its default
+//! configuration) and a [`PostProcessor`]. [`Synthesizer::synthesize`] augments each mask,
+//! lets the generator paint an image for it in train mode (as the reference synthesises:
+//! dropout on, BatchNorm batch statistics) and post-processes the batch, detached.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use genseg_data::writer::masks_from_tensor;
+use genseg_generator::generator::Pix2PixGenerator;
+use genseg_generator::postprocess::{GradientPath, PostProcessConfig, PostProcessor, PostStep};
+use genseg_masks::{MaskAugmentConfig, MaskAugmenter};
+use genseg_nn::checkpoint::Checkpoint;
+use genseg_nn::params::ParamStore;
+use genseg_nn::rng::SeededRng;
+use image::GrayImage;
+use serde::{Deserialize, Serialize};
+
+use crate::pretrain::{GENERATOR_PREFIX, PretrainConfig, build_generator, with_prefix};
+use crate::run_dir::{RunDir, Which};
+
+/// How synthetic images are post-processed before use (spec §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum PostChoice {
+    /// `xray` with the data's gamma when the data is 1-channel and `data.equalize_gamma > 0`
+    /// (the real images are equalised then), otherwise `min_max`.
+    #[default]
+    Auto,
+    /// Batch min-max to `[0, 1]` only.
+    MinMax,
+    /// Min-max, histogram equalisation, gamma 0.5 (the reference's JSRT chain).
+    Xray,
+    /// Min-max, then torchvision's photometric chain (the reference's ISIC chain).
+    Rgb,
+}
+
+impl PostChoice {
+    /// The post-processing steps for images of `channels` channels whose real counterparts were
+    /// equalised with gamma `equalize_gamma` (0 = not equalised). Always detached.
+    pub fn config(self, channels: usize, equalize_gamma: f32) -> PostProcessConfig {
+        let mut cfg = match self {
+            PostChoice::Auto if channels == 1 && equalize_gamma > 0.0 => PostProcessConfig {
+                steps: vec![
+                    PostStep::MinMax,
+                    PostStep::Equalize { p: 1.0 },
+                    PostStep::Gamma {
+                        gamma: f64::from(equalize_gamma),
+                    },
+                ],
+                gradient: GradientPath::Detach,
+            },
+            PostChoice::Auto | PostChoice::MinMax => PostProcessConfig::default(),
+            PostChoice::Xray => PostProcessConfig::xray(),
+            PostChoice::Rgb => PostProcessConfig::rgb(),
+        };
+        cfg.gradient = GradientPath::Detach;
+        cfg
+    }
+}
+
+/// A generator loaded from a pre-training run.
+pub struct LoadedGenerator {
+    /// The pre-training run's configuration.
+    pub config: PretrainConfig,
+    /// The checkpoint folder the weights came from.
+    pub checkpoint: PathBuf,
+    /// Holds the generator's tensors.
+    pub store: ParamStore,
+    /// The generator.
+    pub generator: Pix2PixGenerator,
+}
+
+impl LoadedGenerator {
+    /// Side of the images the generator makes.
+    pub fn image_size(&self) -> usize {
+        self.config.generator.image_size
+    }
+    /// Channels of the images the generator makes.
+    pub fn channels(&self) -> usize {
+        self.config.generator.out_channels
+    }
+}
+
+/// Loads the generator of the pre-training run `run` from its `which` checkpoint.
+pub fn load_generator(run: &Path, which: Which, device: &Device) -> Result<LoadedGenerator> {
+    let dir =
+        RunDir::open(run).with_context(|| format!("opening generator run {}", run.display()))?;
+    let config: PretrainConfig = dir.read_config().with_context(|| {
+        format!(
+            "{} is not a generator pre-training run (made by `genseg pretrain-generator`)",
+            run.display()
+        )
+    })?;
+    let ckpt_dir = dir.checkpoint(which);
+    anyhow::ensure!(
+        ckpt_dir.join("state.json").is_file(),
+        "generator run {} has no {}/ checkpoint yet",
+        run.display(),
+        which.name()
+    );
+    let ckpt = Checkpoint::load(&ckpt_dir)
+        .with_context(|| format!("loading generator checkpoint {}", ckpt_dir.display()))?;
+    let (store, generator) = build_generator(&config.generator, config.seed, device)?;
+    store
+        .load_named_tensors(&with_prefix(&ckpt.weights, GENERATOR_PREFIX), true)
+        .with_context(|| format!("loading the generator from {}", ckpt_dir.display()))?;
+    Ok(LoadedGenerator {
+        config,
+        checkpoint: ckpt_dir,
+        store,
+        generator,
+    })
+}
+
+/// Masks `[B, 1, H, W]` in `{0, 1}` from gray images (non-zero = foreground).
+pub fn masks_to_tensor(masks: &[GrayImage], device: &Device) -> Result<Tensor> {
+    let first = masks.first().context("no masks to convert")?;
+    let (w, h) = first.dimensions();
+    let mut values = Vec::with_capacity(masks.len() * (w * h) as usize);
+    for m in masks {
+        anyhow::ensure!(
+            m.dimensions() == (w, h),
+            "masks of {}x{} and {w}x{h} in one batch",
+            m.width(),
+            m.height()
+        );
+        values.extend(m.pixels().map(|p| f32::from(u8::from(p.0[0] > 0))));
+    }
+    Ok(Tensor::from_vec(
+        values,
+        (masks.len(), 1, h as usize, w as usize),
+        device,
+    )?)
+}
+
+/// A frozen generator with the mask augmentation and post-processing around it.
+pub struct Synthesizer {
+    /// The generator and where it came from.
+    pub loaded: LoadedGenerator,
+    augmenter: MaskAugmenter,
+    post: PostProcessor,
+}
+
+/// One synthetic batch.
+pub struct SyntheticBatch {
+    /// The augmented masks `[B, 1, H, W]` in `{0, 1}`.
+    pub masks: Tensor,
+    /// The post-processed images `[B, C, H, W]` in `[0, 1]`, detached.
+    pub images: Tensor,
+}
+
+impl Synthesizer {
+    /// Wraps `loaded` with the reference mask augmentation and the post-processing `post`.
+    pub fn new(loaded: LoadedGenerator, post: PostProcessConfig) -> Result<Self> {
+        Ok(Self {
+            loaded,
+            augmenter: MaskAugmenter::new(MaskAugmentConfig::default())?,
+            post: PostProcessor::new(post)?,
+        })
+    }
+
+    /// The post-processing in use.
+    pub fn post_config(&self) -> &PostProcessConfig {
+        self.post.config()
+    }
+
+    /// Augments `masks` (`[B, 1, H, W]`, foreground > 0.5) with `augment_rng` (or not, when
+    /// `None`), synthesises their images with dropout masks from `dropout_rng` and
+    /// post-processes them with `post_rng`.
+    pub fn synthesize(
+        &self,
+        masks: &Tensor,
+        augment_rng: Option<&mut SeededRng>,
+        dropout_rng: &mut SeededRng,
+        post_rng: &mut SeededRng,
+    ) -> Result<SyntheticBatch> {
+        let device = masks.device().clone();
+        let masks = match augment_rng {
+            Some(rng) => {
+                let images = masks_from_tensor(masks, 0.5)?;
+                masks_to_tensor(&self.augmenter.augment_batch(&images, rng), &device)?
+            }
+            None => masks.ge(0.5)?.to_dtype(DType::F32)?,
+        };
+        let raw = self
+            .loaded
+            .generator
+            .forward_t(&masks, true, dropout_rng)?
+            .detach();
+        let images = self.post.apply(&raw, post_rng)?.detach();
+        Ok(SyntheticBatch { masks, images })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_post_processing_follows_the_real_images() {
+        let auto = PostChoice::Auto.config(1, 0.5);
+        assert_eq!(auto, PostProcessConfig::xray());
+        assert_eq!(
+            PostChoice::Auto.config(1, 0.0),
+            PostProcessConfig::default()
+        );
+        assert_eq!(
+            PostChoice::Auto.config(3, 0.5),
+            PostProcessConfig::default()
+        );
+        assert_eq!(PostChoice::Rgb.config(3, 0.0), PostProcessConfig::rgb());
+        let custom = PostChoice::Auto.config(1, 0.8);
+        assert_eq!(
+            custom.steps[2],
+            PostStep::Gamma {
+                gamma: 0.8f32 as f64
+            }
+        );
+    }
+
+    #[test]
+    fn masks_round_trip_and_mixed_sizes_fail() -> Result<()> {
+        let mut a = GrayImage::new(4, 3);
+        a.put_pixel(1, 2, image::Luma([255]));
+        let t = masks_to_tensor(&[a.clone(), GrayImage::new(4, 3)], &Device::Cpu)?;
+        assert_eq!(t.dims(), &[2, 1, 3, 4]);
+        assert_eq!(t.sum_all()?.to_scalar::<f32>()?, 1.0);
+        assert_eq!(masks_from_tensor(&t, 0.5)?[0].get_pixel(1, 2).0, [1]);
+        assert!(masks_to_tensor(&[a, GrayImage::new(3, 3)], &Device::Cpu).is_err());
+        Ok(())
+    }
+}
