@@ -6,4 +6,5 @@ pub mod evaluate;
 pub mod generate;
 pub mod predict;
 pub mod pretrain;
+pub mod run_flags;
 pub mod train;

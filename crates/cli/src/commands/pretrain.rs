@@ -8,23 +8,15 @@ use candle_core::Device;
 use clap::Args;
 use genseg::config::Profile;
 use genseg::overrides::layered;
+
+use super::run_flags::RunFlags;
 use genseg::pretrain::PretrainConfig;
 
 /// Arguments of `genseg pretrain-generator`.
 #[derive(Args, Debug)]
 pub struct PretrainArgs {
-    /// Dataset folder (folder pairs, GenSeg Images/Masks, or nnU-Net raw).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Training pairs drawn from the labelled pool.
-    #[arg(long)]
-    n_train: Option<usize>,
-    /// Validation pairs drawn from the labelled pool (they choose best/).
-    #[arg(long)]
-    n_val: Option<usize>,
-    /// The run's one seed.
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    run: RunFlags,
     /// The run folder to create.
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
@@ -50,21 +42,7 @@ impl PretrainArgs {
             self.config.as_deref(),
             &self.sets,
         )?;
-        if let Some(d) = &self.data {
-            cfg.data.path = d.clone();
-        }
-        if let Some(n) = self.n_train {
-            cfg.data.n_train = n;
-        }
-        if let Some(n) = self.n_val {
-            cfg.data.n_val = n;
-        }
-        if let Some(s) = self.seed {
-            cfg.seed = s;
-        }
-        if cfg.data.path.as_os_str().is_empty() {
-            bail!("no dataset: pass --data <dir> or set data.path");
-        }
+        self.run.apply(&mut cfg.data, &mut cfg.seed)?;
         Ok(cfg)
     }
 }

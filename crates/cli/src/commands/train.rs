@@ -9,24 +9,16 @@ use clap::Args;
 use genseg::config::{Method, Profile, RunConfig};
 use genseg::overrides::layered;
 
+use super::run_flags::RunFlags;
+
 /// Arguments of `genseg train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Training method (overrides `method` of the config).
     #[arg(long, value_enum)]
     method: Option<Method>,
-    /// Dataset folder (folder pairs, GenSeg Images/Masks, or nnU-Net raw).
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Training images drawn from the labelled pool.
-    #[arg(long)]
-    n_train: Option<usize>,
-    /// Validation images drawn from the labelled pool.
-    #[arg(long)]
-    n_val: Option<usize>,
-    /// The run's one seed.
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    run: RunFlags,
     /// `--method separate`: the generator's pre-training run (sets `separate.generator`).
     #[arg(long)]
     generator: Option<PathBuf>,
@@ -58,18 +50,7 @@ impl TrainArgs {
         if let Some(m) = self.method {
             cfg.method = m;
         }
-        if let Some(d) = &self.data {
-            cfg.data.path = d.clone();
-        }
-        if let Some(n) = self.n_train {
-            cfg.data.n_train = n;
-        }
-        if let Some(n) = self.n_val {
-            cfg.data.n_val = n;
-        }
-        if let Some(s) = self.seed {
-            cfg.seed = s;
-        }
+        self.run.apply(&mut cfg.data, &mut cfg.seed)?;
         if let Some(g) = &self.generator {
             if cfg.method != Method::Separate {
                 bail!(
@@ -78,9 +59,6 @@ impl TrainArgs {
                 );
             }
             cfg.separate.generator = g.clone();
-        }
-        if cfg.data.path.as_os_str().is_empty() {
-            bail!("no dataset: pass --data <dir> or set data.path");
         }
         Ok(cfg)
     }
