@@ -9,6 +9,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod experiment;
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "GenSeg project recipes")]
 struct Cli {
@@ -26,6 +28,48 @@ enum Recipe {
         #[arg(long, default_value = "demo-out")]
         out: PathBuf,
     },
+    /// Baseline, Separate and GenSeg over several seeds on one dataset: per seed a generator
+    /// pre-training run, then the three methods from the same split; every run's test split
+    /// (and an optional out-of-domain dataset) is scored, and `results.md` / `results.csv`
+    /// in `--out` get mean ± std over the seeds. Re-running continues: finished runs are
+    /// kept, interrupted ones resumed.
+    Experiment {
+        /// The labelled pool.
+        #[arg(long)]
+        data: PathBuf,
+        /// Training pairs per seed.
+        #[arg(long)]
+        n_train: usize,
+        /// Validation pairs per seed.
+        #[arg(long)]
+        n_val: usize,
+        /// Seeds, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+        seeds: Vec<u64>,
+        /// Methods, comma-separated (baseline, separate, genseg, or an augmentation baseline).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "baseline,separate,genseg"
+        )]
+        methods: Vec<String>,
+        /// A dataset to score every run on as well (out of domain), e.g. ../shared/data/ph2.
+        #[arg(long)]
+        ood: Option<PathBuf>,
+        /// `--set` overrides for the segmentation runs (all methods).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// `--set` overrides for the generator pre-training runs.
+        #[arg(long = "pretrain-set", value_name = "KEY=VALUE")]
+        pretrain_sets: Vec<String>,
+        /// The experiment folder (one run folder per method and seed).
+        #[arg(long)]
+        out: PathBuf,
+        /// Use this `genseg` binary instead of building one (e.g. a CUDA build, or a copy
+        /// that later builds of the tree do not replace mid-experiment).
+        #[arg(long)]
+        genseg_bin: Option<PathBuf>,
+    },
     /// Runs `genseg data check` on every dataset folder under a directory.
     CheckDatasets {
         /// The folder holding one sub-folder per dataset.
@@ -39,6 +83,32 @@ fn main() -> Result<()> {
     match Cli::parse().recipe {
         Recipe::Demo { out } => demo(&root, &root.join(out)),
         Recipe::CheckDatasets { data } => check_datasets(&root, &root.join(data)),
+        Recipe::Experiment {
+            data,
+            n_train,
+            n_val,
+            seeds,
+            methods,
+            ood,
+            sets,
+            pretrain_sets,
+            out,
+            genseg_bin,
+        } => experiment::run(
+            &root,
+            &experiment::Plan {
+                data: root.join(data),
+                n_train,
+                n_val,
+                seeds,
+                methods,
+                ood: ood.map(|o| root.join(o)),
+                sets,
+                pretrain_sets,
+                out: root.join(out),
+                genseg_bin: genseg_bin.map(|b| root.join(b)),
+            },
+        ),
     }
 }
 
@@ -51,7 +121,7 @@ fn workspace_root() -> PathBuf {
 }
 
 /// Builds the release binary once and returns its path.
-fn build_genseg(root: &Path) -> Result<PathBuf> {
+pub(crate) fn build_genseg(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(root)
@@ -64,7 +134,7 @@ fn build_genseg(root: &Path) -> Result<PathBuf> {
     Ok(root.join("target/release/genseg"))
 }
 
-fn genseg(bin: &Path, args: &[&str]) -> Result<()> {
+pub(crate) fn genseg(bin: &Path, args: &[&str]) -> Result<()> {
     eprintln!("$ genseg {}", args.join(" "));
     let status = Command::new(bin)
         .args(args)

@@ -31,8 +31,8 @@ impl Geometry {
     ) -> Self {
         let mut sign = || if rng.random::<bool>() { 1.0f32 } else { -1.0 };
         let (flip, rotate, translate) = match method {
-            // Separate's extra term is synthetic, not a geometric copy.
-            Method::Baseline | Method::Separate => (false, false, false),
+            // The generator methods' extra terms are synthetic, not geometric copies.
+            Method::Baseline | Method::Separate | Method::Genseg => (false, false, false),
             Method::Flip => (true, false, false),
             Method::Rotate => (false, true, false),
             Method::Translate => (false, false, true),

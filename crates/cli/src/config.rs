@@ -51,6 +51,9 @@ pub enum Method {
     Combine,
     /// + a loss term on synthetic pairs from a frozen generator (the paper's "Separate").
     Separate,
+    /// GenSeg end to end: generator, segmenter and the generator's architecture trained
+    /// together by multi-level optimisation (`[genseg]`, docs/method.md).
+    Genseg,
 }
 
 impl std::fmt::Display for Method {
@@ -62,6 +65,7 @@ impl std::fmt::Display for Method {
             Method::Translate => "translate",
             Method::Combine => "combine",
             Method::Separate => "separate",
+            Method::Genseg => "genseg",
         })
     }
 }
@@ -276,6 +280,88 @@ impl Default for SeparateSection {
     }
 }
 
+/// `[genseg]`: the end-to-end method (`--method genseg`; spec §1.1, §1.5, §1.6).
+///
+/// Per iteration: a discriminator step, a generator step (level 1, pix2pix loss, α fixed), a
+/// segmenter step on real + `weight` · synthetic pairs (level 2), and every `arch_every`
+/// iterations an α step (level 3) along the finite-difference hypergradient of the
+/// segmentation loss on a validation batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GensegSection {
+    /// A generator pre-training run (`genseg pretrain-generator --out`) to start from; empty =
+    /// pre-train one first, into `<run>/pretrain`. Stored absolute.
+    pub generator: PathBuf,
+    /// Which of its checkpoints: `best` or `last`.
+    pub checkpoint: Which,
+    /// Profile of the automatic pre-training (when `generator` is empty).
+    pub pretrain_profile: Profile,
+    /// Iterations of the automatic pre-training; 0 = the profile's.
+    pub pretrain_iterations: u64,
+    /// λ, the weight of the synthetic loss term (1 in the reference).
+    pub weight: f64,
+    /// Post-processing of synthetic images (`auto`, `min_max`, `xray`, `rgb`); the gradient
+    /// passes straight through its 8-bit steps unless `detach_synthetic`.
+    pub postprocess: PostChoice,
+    /// Adam learning rate of the generator and discriminator weights (betas 0.5, 0.999).
+    pub generator_lr: f64,
+    /// Adam learning rate of α (DARTS: 3e-4; the reference passes 1e-6).
+    pub arch_lr: f64,
+    /// Adam beta1 of α (DARTS: 0.5).
+    pub arch_beta1: f64,
+    /// Adam beta2 of α (DARTS: 0.999).
+    pub arch_beta2: f64,
+    /// L2 weight decay of α (DARTS: 1e-3).
+    pub arch_weight_decay: f64,
+    /// Hypergradient and α step every this many iterations (1 in the reference).
+    pub arch_every: u64,
+    /// Finite-difference radius `r`: each hop moves the weights by exactly `r` (Betty 0.01).
+    pub radius: f64,
+    /// Betty's Adam preconditioning of the vector entering the generator hop (on in Betty).
+    pub precondition: bool,
+    /// Detach synthetic images from the generator, as the released 2-D scripts do (spec
+    /// §1.4 F2): no segmentation signal reaches the generator and α never moves.
+    pub detach_synthetic: bool,
+    /// Use the released JSRT script's learning rates (spec §1.3): generator and
+    /// discriminator 2e-6, α 1e-6, segmenter 1e-4; they replace `generator_lr`, `arch_lr`
+    /// and `train.lr`.
+    pub reference_lrs: bool,
+}
+
+impl Default for GensegSection {
+    fn default() -> Self {
+        Self {
+            generator: PathBuf::new(),
+            checkpoint: Which::Best,
+            pretrain_profile: Profile::Cpu,
+            pretrain_iterations: 0,
+            weight: 1.0,
+            postprocess: PostChoice::Auto,
+            generator_lr: 2e-4,
+            arch_lr: 3e-4,
+            arch_beta1: 0.5,
+            arch_beta2: 0.999,
+            arch_weight_decay: 1e-3,
+            arch_every: 1,
+            radius: genseg_mlo::DEFAULT_RADIUS,
+            precondition: true,
+            detach_synthetic: false,
+            reference_lrs: false,
+        }
+    }
+}
+
+/// The learning rates a GenSeg run uses (after `reference_lrs`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GensegRates {
+    /// Generator and discriminator weights.
+    pub generator: f64,
+    /// α.
+    pub arch: f64,
+    /// The segmentation model.
+    pub segmenter: f64,
+}
+
 /// The whole configuration of a training run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -295,6 +381,9 @@ pub struct RunConfig {
     /// `[separate]` (absent from configs written before it existed: defaults).
     #[serde(default)]
     pub separate: SeparateSection,
+    /// `[genseg]` (absent from configs written before it existed: defaults).
+    #[serde(default)]
+    pub genseg: GensegSection,
     /// `[eval]`: metric options for validation and evaluation.
     pub eval: MetricOptions,
 }
@@ -342,16 +431,25 @@ impl RunConfig {
                 translate_fraction: 0.1,
             },
             separate: SeparateSection::default(),
+            genseg: GensegSection {
+                pretrain_profile: Profile::Paper,
+                // The released JSRT script's generator rate (spec §1.3).
+                generator_lr: 2e-6,
+                ..GensegSection::default()
+            },
             eval: MetricOptions::default(),
         };
         match profile {
             Profile::Paper => paper,
             Profile::Cpu => {
                 let mut cpu = paper;
-                cpu.data.size = 128;
+                // 64 px, the size the cpu generator is pre-trained at, so every method
+                // runs on the same images. Measured (docs/results.md): Montgomery 7+2
+                // test Dice 0.925 at 64 px vs 0.907 at 128 px, validation Dice plateaus
+                // after ~150 iterations.
+                cpu.data.size = 64;
                 cpu.model.unet.base_width = 16;
-                // Measured (docs/results.md): ~0.6-0.9 s per step on 2 cores,
-                // Montgomery validation Dice plateaus after ~150 iterations.
+                cpu.genseg = GensegSection::default();
                 cpu.train.iterations = 300;
                 cpu.train.batch_size = 2;
                 cpu.train.lr = 1e-3;
@@ -400,9 +498,49 @@ impl RunConfig {
                 self.separate.weight
             );
         }
+        if self.method == Method::Genseg {
+            let g = &self.genseg;
+            anyhow::ensure!(
+                g.weight.is_finite() && g.weight >= 0.0,
+                "genseg.weight {} must be a number >= 0",
+                g.weight
+            );
+            for (key, v) in [
+                ("genseg.generator_lr", g.generator_lr),
+                ("genseg.arch_lr", g.arch_lr),
+                ("genseg.radius", g.radius),
+            ] {
+                anyhow::ensure!(
+                    v > 0.0 && v.is_finite(),
+                    "{key} {v} must be a positive number"
+                );
+            }
+            anyhow::ensure!(g.arch_every > 0, "genseg.arch_every must be > 0");
+            anyhow::ensure!(
+                self.data.n_val > 0 || !self.data.split_file.as_os_str().is_empty(),
+                "--method genseg needs validation pairs (data.n_val > 0): α is tuned on them"
+            );
+        }
         self.model.unet.validate()?;
         self.data.data_config()?;
         Ok(())
+    }
+
+    /// The learning rates of a GenSeg run.
+    pub fn genseg_rates(&self) -> GensegRates {
+        if self.genseg.reference_lrs {
+            GensegRates {
+                generator: 2e-6,
+                arch: 1e-6,
+                segmenter: 1e-4,
+            }
+        } else {
+            GensegRates {
+                generator: self.genseg.generator_lr,
+                arch: self.genseg.arch_lr,
+                segmenter: self.train.lr,
+            }
+        }
     }
 }
 

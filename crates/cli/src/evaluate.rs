@@ -79,7 +79,7 @@ pub fn load_run(run_dir: &Path, which: Which, device: &Device) -> Result<LoadedR
     let ckpt =
         Checkpoint::load(&dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
     store
-        .load_named_tensors(&ckpt.weights, true)
+        .load_named_tensors(&crate::train::segmenter_weights(&ckpt.weights), true)
         .with_context(|| {
             format!(
                 "checkpoint {} does not match the run's model",

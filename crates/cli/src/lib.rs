@@ -14,6 +14,8 @@
 
 pub mod augment;
 pub mod config;
+pub mod driver;
+pub mod end_to_end;
 pub mod evaluate;
 pub mod generate;
 pub mod overrides;

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -34,11 +34,11 @@ use genseg_generator::loss::{LossConfig, discriminator_loss, generator_loss};
 use genseg_nn::checkpoint::Checkpoint;
 use genseg_nn::optim::{Adam, AdamConfig, Optimizer};
 use genseg_nn::params::ParamStore;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::{DataSection, Profile, RunConfig};
+use crate::driver::{Cadence, LoopTask, extra_f64, extra_u64, run_loop};
 use crate::plot::{Series, plot_panels};
 use crate::run_dir::{MetricsLog, RunDir, Which, read_lines};
 use crate::seeding::{Purpose, rng_for, seed_for};
@@ -384,10 +384,7 @@ impl<'a> Pretrainer<'a> {
         stop: &'a AtomicBool,
         ckpt: Option<Checkpoint>,
     ) -> Result<Self> {
-        let subset =
-            |ids: &[String]| -> Result<Dataset> { Ok(data.subset(&data.indices_of(ids)?)?) };
-        let train_set = subset(&split.train)?;
-        let val_set = subset(&split.val)?;
+        let (train_set, val_set, _) = crate::train::subsets(data, split)?;
         anyhow::ensure!(
             train_set.channels() == cfg.generator.out_channels,
             "{} has {}-channel images, the run's generator makes {}",
@@ -424,16 +421,12 @@ impl<'a> Pretrainer<'a> {
                     opt.load_state(state)
                         .with_context(|| format!("restoring the {name} optimizer from last/"))?;
                 }
-                let number = |key: &str| c.extra.get(key).and_then(|v| v.as_f64());
                 (
                     c.step,
-                    number("initial_val_l1").unwrap_or(f64::NAN),
+                    extra_f64(&c.extra, "initial_val_l1").unwrap_or(f64::NAN),
                     (
-                        number("best_val_l1").unwrap_or(f64::INFINITY),
-                        c.extra
-                            .get("best_iteration")
-                            .and_then(|v| v.as_u64())
-                            .unwrap_or(0),
+                        extra_f64(&c.extra, "best_val_l1").unwrap_or(f64::INFINITY),
+                        extra_u64(&c.extra, "best_iteration").unwrap_or(0),
                     ),
                 )
             }
@@ -463,7 +456,7 @@ impl<'a> Pretrainer<'a> {
         })
     }
 
-    fn checkpoint(&self, which: Which) -> Result<()> {
+    fn save(&self, which: Which) -> Result<()> {
         let mut weights = self.nets.g_store.named_tensors()?;
         weights.extend(self.nets.d_store.named_tensors()?);
         let mut optimizers = BTreeMap::new();
@@ -488,7 +481,7 @@ impl<'a> Pretrainer<'a> {
     }
 
     /// One D step then one G step; returns (D loss, G GAN part, G L1 part).
-    fn step(&mut self) -> Result<(f64, f64, f64)> {
+    fn adversarial_step(&mut self) -> Result<(f64, f64, f64)> {
         let idx = batch_indices(
             self.cfg.seed,
             self.train_set.len(),
@@ -523,7 +516,7 @@ impl<'a> Pretrainer<'a> {
     }
 
     /// L1 and SSIM on the validation pairs; writes the sample grid of iteration `it`.
-    fn validate(&self, it: u64) -> Result<ValScores> {
+    fn score(&self, it: u64) -> Result<ValScores> {
         let n = self.val_set.len();
         let indices: Vec<usize> = (0..n).collect();
         let mut rng = rng_for(self.cfg.seed, Purpose::ValidationDropout, it);
@@ -565,7 +558,7 @@ impl<'a> Pretrainer<'a> {
         })
     }
 
-    fn plot(&self) -> Result<()> {
+    fn draw_plots(&self) -> Result<()> {
         let lines = read_lines(&self.run.metrics_path())?;
         let pts = |key: &str| -> Vec<(f64, f64)> {
             lines
@@ -630,7 +623,7 @@ impl<'a> Pretrainer<'a> {
 
     /// Validates at iteration `it`; keeps `best/` when the L1 is strictly lower.
     fn validate_and_keep(&mut self, it: u64, record: &mut serde_json::Value) -> Result<ValScores> {
-        let scores = self.validate(it)?;
+        let scores = self.score(it)?;
         record["val_l1"] = json!(scores.l1);
         record["val_ssim"] = json!(scores.ssim);
         if it == 0 {
@@ -638,7 +631,7 @@ impl<'a> Pretrainer<'a> {
         }
         if scores.l1 < self.best.0 {
             self.best = (scores.l1, it);
-            self.checkpoint(Which::Best)?;
+            self.save(Which::Best)?;
         }
         tracing::debug!(
             iteration = it,
@@ -651,7 +644,6 @@ impl<'a> Pretrainer<'a> {
 
     fn run(mut self) -> Result<PretrainOutcome> {
         let started = Instant::now();
-        let total = self.cfg.train.iterations;
         if self.iteration == 0 {
             // The untrained generator's scores: the yardstick for what pre-training bought.
             let mut record = json!({"iteration": 0, "seconds": 0.0});
@@ -663,61 +655,16 @@ impl<'a> Pretrainer<'a> {
                 s.ssim
             );
         }
-        let bar = ProgressBar::new(total).with_position(self.iteration);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} it  {per_sec}  ETA {eta}  {msg}")
-                .expect("static template"),
-        );
-        let mut interrupted = false;
-        let mut last_saved = self.iteration;
-        while self.iteration < total {
-            if self.stop.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
-            }
-            let t0 = Instant::now();
-            let (loss_d, loss_g_gan, loss_g_l1) = self.step()?;
-            self.iteration += 1;
-            let it = self.iteration;
-            anyhow::ensure!(
-                loss_d.is_finite() && loss_g_gan.is_finite() && loss_g_l1.is_finite(),
-                "pre-training diverged at iteration {it}: D {loss_d}, G GAN {loss_g_gan}, L1 {loss_g_l1}"
-            );
-            let mut record = json!({
-                "iteration": it,
-                "loss_d": loss_d,
-                "loss_g_gan": loss_g_gan,
-                "loss_g_l1": loss_g_l1,
-                "lr": self.opt_g.learning_rate(),
-                "seconds": started.elapsed().as_secs_f64(),
-                "step_seconds": t0.elapsed().as_secs_f64(),
-            });
-            let validate = it % self.cfg.train.val_every == 0 || it == total;
-            if validate {
-                let s = self.validate_and_keep(it, &mut record)?;
-                bar.set_message(format!(
-                    "L1 {loss_g_l1:.4}  val L1 {:.4}  SSIM {:.4}  best {:.4} @{}",
-                    s.l1, s.ssim, self.best.0, self.best.1
-                ));
-            }
-            if validate || it % self.cfg.train.log_every == 0 {
-                self.metrics.append(&record)?;
-            }
-            if it % self.cfg.train.checkpoint_every == 0 || it == total {
-                self.checkpoint(Which::Last)?;
-                last_saved = it;
-            }
-            if validate {
-                self.plot()?;
-            }
-            bar.set_position(it);
-        }
-        bar.finish_and_clear();
-        if self.iteration != last_saved || !self.run.checkpoint(Which::Last).exists() {
-            self.checkpoint(Which::Last)?;
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        if interrupted {
+        let t = &self.cfg.train;
+        let cadence = Cadence {
+            total: t.iterations,
+            val_every: t.val_every,
+            log_every: t.log_every,
+            checkpoint_every: t.checkpoint_every,
+        };
+        let stop = self.stop;
+        let end = run_loop(&mut self, cadence, stop, started)?;
+        if end.interrupted {
             tracing::warn!(
                 "interrupted at iteration {}: last/ saved; continue with `genseg pretrain-generator --resume {}`",
                 self.iteration,
@@ -727,7 +674,7 @@ impl<'a> Pretrainer<'a> {
         tracing::info!(
             "pre-trained {} iterations in {:.1} s; validation L1 {:.4} untrained, best {:.4} at iteration {}",
             self.iteration,
-            seconds,
+            end.seconds,
             self.initial_l1,
             self.best.0,
             self.best.1
@@ -737,9 +684,46 @@ impl<'a> Pretrainer<'a> {
             initial_val_l1: self.initial_l1,
             best_val_l1: self.best.0,
             best_iteration: self.best.1,
-            interrupted,
-            seconds,
+            interrupted: end.interrupted,
+            seconds: end.seconds,
         })
+    }
+}
+
+impl LoopTask for Pretrainer<'_> {
+    fn iteration(&self) -> u64 {
+        self.iteration
+    }
+
+    fn step(&mut self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let (loss_d, loss_g_gan, loss_g_l1) = self.adversarial_step()?;
+        self.iteration += 1;
+        let mut record = serde_json::Map::new();
+        record.insert("loss_d".into(), json!(loss_d));
+        record.insert("loss_g_gan".into(), json!(loss_g_gan));
+        record.insert("loss_g_l1".into(), json!(loss_g_l1));
+        record.insert("lr".into(), json!(self.opt_g.learning_rate()));
+        Ok(record)
+    }
+
+    fn validate(&mut self, it: u64, record: &mut serde_json::Value) -> Result<String> {
+        let s = self.validate_and_keep(it, record)?;
+        Ok(format!(
+            "val L1 {:.4}  SSIM {:.4}  best {:.4} @{}",
+            s.l1, s.ssim, self.best.0, self.best.1
+        ))
+    }
+
+    fn checkpoint(&self, which: Which) -> Result<()> {
+        self.save(which)
+    }
+
+    fn plot(&self) -> Result<()> {
+        self.draw_plots()
+    }
+
+    fn metrics(&mut self) -> &mut MetricsLog {
+        &mut self.metrics
     }
 }
 

@@ -28,6 +28,11 @@ pub enum Purpose {
     MaskAugment = 8,
     /// Random post-processing decisions of synthetic images, one stream per iteration.
     PostProcess = 9,
+    /// The generator's dropout masks when it paints the segmenter's synthetic batch
+    /// (end-to-end GenSeg), one stream per iteration.
+    SynthesisDropout = 10,
+    /// The order of validation images in the architecture level's batches, per epoch.
+    ValidationBatchOrder = 11,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.

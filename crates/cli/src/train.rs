@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -30,14 +30,15 @@ use genseg_data::split::{Split, read_split_file, select_fold, write_split_file};
 use genseg_nn::checkpoint::Checkpoint;
 use genseg_nn::optim::Optimizer;
 use genseg_nn::params::ParamStore;
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use serde_json::json;
 
 use crate::augment::augment_batch;
 use crate::config::{Method, RunConfig};
+use crate::driver::{Cadence, LoopEnd, LoopTask, extra_f64, extra_u64, run_loop};
 use crate::evaluate::evaluate_model;
 use crate::plot::{Series, plot_panels};
+use crate::pretrain::{DISCRIMINATOR_PREFIX, GENERATOR_PREFIX};
 use crate::run_dir::{MetricsLog, RunDir, Which, read_lines};
 use crate::seeding::{Purpose, rng_for, seed_for};
 use crate::synth::{Synthesizer, load_generator};
@@ -169,21 +170,22 @@ fn synthesizer(cfg: &RunConfig, channels: usize, device: &Device) -> Result<Opti
     Ok(Some(Synthesizer::new(loaded, post)?))
 }
 
-/// Starts a new run in `out`.
-pub fn train(
-    cfg: RunConfig,
-    out: &Path,
-    device: &Device,
-    stop: &AtomicBool,
-) -> Result<TrainOutcome> {
-    cfg.validate()?;
+/// A new run folder with everything a training pipeline starts from.
+pub(crate) struct PreparedRun {
+    /// The configuration, with absolute paths and `in_channels` from the data.
+    pub cfg: RunConfig,
+    /// The run folder (created, logging to its train.log, split.json written).
+    pub run: RunDir,
+    /// The whole labelled pool.
+    pub data: Dataset,
+    /// The split in use.
+    pub split: Split,
+}
+
+/// Creates the run folder `out` for `cfg`: absolute data path, the pool loaded, the split
+/// drawn (or read) and written. The caller writes config.toml once its own checks passed.
+pub(crate) fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
     let mut cfg = cfg;
-    if cfg.method == Method::Separate {
-        // Absolute, so `--resume` from another folder still finds the generator.
-        let g = &cfg.separate.generator;
-        cfg.separate.generator = std::fs::canonicalize(g)
-            .with_context(|| format!("generator run {} not found", g.display()))?;
-    }
     // Absolute, so `--resume` from another working directory finds the data.
     let data_path = &cfg.data.path;
     cfg.data.path = std::fs::canonicalize(data_path)
@@ -192,8 +194,6 @@ pub fn train(
     crate::log_to_file(&run.log_path())?;
     let data = cfg.data.load(&cfg.data.path)?;
     cfg.model.unet.in_channels = data.channels();
-    // Fail before config.toml is written when the generator does not fit the data.
-    let synth = synthesizer(&cfg, data.channels(), device)?;
     let split = if cfg.data.split_file.as_os_str().is_empty() {
         Split::low_data(&data.ids(), cfg.data.n_train, cfg.data.n_val, cfg.seed)?
     } else {
@@ -202,7 +202,6 @@ pub fn train(
     };
     split.validate(&data.ids())?;
     write_split_file(&run.split_path(), std::slice::from_ref(&split))?;
-    run.write_config(&cfg)?;
     tracing::info!(
         "run {}: {} on {} ({} train / {} val / {} test, {} channel(s), {} px)",
         out.display(),
@@ -214,6 +213,55 @@ pub fn train(
         data.channels(),
         cfg.data.size
     );
+    Ok(PreparedRun {
+        cfg,
+        run,
+        data,
+        split,
+    })
+}
+
+/// The train, validation and (possibly empty) test subsets of `split`.
+pub(crate) fn subsets(
+    data: &Dataset,
+    split: &Split,
+) -> Result<(Dataset, Dataset, Option<Dataset>)> {
+    let subset = |ids: &[String]| -> Result<Dataset> { Ok(data.subset(&data.indices_of(ids)?)?) };
+    let test = if split.test.is_empty() {
+        None
+    } else {
+        Some(subset(&split.test)?)
+    };
+    Ok((subset(&split.train)?, subset(&split.val)?, test))
+}
+
+/// Starts a new run in `out`.
+pub fn train(
+    cfg: RunConfig,
+    out: &Path,
+    device: &Device,
+    stop: &AtomicBool,
+) -> Result<TrainOutcome> {
+    cfg.validate()?;
+    if cfg.method == Method::Genseg {
+        return crate::end_to_end::train(cfg, out, device, stop);
+    }
+    let mut cfg = cfg;
+    if cfg.method == Method::Separate {
+        // Absolute, so `--resume` from another folder still finds the generator.
+        let g = &cfg.separate.generator;
+        cfg.separate.generator = std::fs::canonicalize(g)
+            .with_context(|| format!("generator run {} not found", g.display()))?;
+    }
+    let PreparedRun {
+        cfg,
+        run,
+        data,
+        split,
+    } = prepare_run(cfg, out)?;
+    // Fail before config.toml is written when the generator does not fit the data.
+    let synth = synthesizer(&cfg, data.channels(), device)?;
+    run.write_config(&cfg)?;
     let trainer = Trainer::new(cfg, run, device, &data, &split, stop, None, synth)?;
     trainer.run()
 }
@@ -224,6 +272,9 @@ pub fn resume(run_dir: &Path, device: &Device, stop: &AtomicBool) -> Result<Trai
     crate::log_to_file(&run.log_path())?;
     let cfg: RunConfig = run.read_config()?;
     cfg.validate()?;
+    if cfg.method == Method::Genseg {
+        return crate::end_to_end::resume(cfg, run, device, stop);
+    }
     let data = cfg.data.load(&cfg.data.path)?;
     let split = run.split(&data.ids())?;
     let ckpt = run.last_checkpoint()?;
@@ -244,15 +295,7 @@ impl<'a> Trainer<'a> {
         ckpt: Option<Checkpoint>,
         synth: Option<Synthesizer>,
     ) -> Result<Self> {
-        let subset =
-            |ids: &[String]| -> Result<Dataset> { Ok(data.subset(&data.indices_of(ids)?)?) };
-        let train_set = subset(&split.train)?;
-        let val_set = subset(&split.val)?;
-        let test_set = if split.test.is_empty() {
-            None
-        } else {
-            Some(subset(&split.test)?)
-        };
+        let (train_set, val_set, test_set) = subsets(data, split)?;
         let (store, model) = build_model(&cfg, device)?;
         let mut opt = cfg.train.build_optimizer(store.trainable_vars())?;
         let (iteration, best) = match &ckpt {
@@ -266,16 +309,8 @@ impl<'a> Trainer<'a> {
                     .context("last/ has no segmenter optimizer state")?;
                 opt.load_state(state)
                     .context("restoring the optimizer from last/")?;
-                let best_dice = c
-                    .extra
-                    .get("best_val_dice")
-                    .and_then(|v| v.as_f64())
-                    .unwrap_or(f64::NEG_INFINITY);
-                let best_it = c
-                    .extra
-                    .get("best_iteration")
-                    .and_then(|v| v.as_u64())
-                    .unwrap_or(0);
+                let best_dice = extra_f64(&c.extra, "best_val_dice").unwrap_or(f64::NEG_INFINITY);
+                let best_it = extra_u64(&c.extra, "best_iteration").unwrap_or(0);
                 (c.step, (best_dice, best_it))
             }
             None => (0, (f64::NEG_INFINITY, 0)),
@@ -299,7 +334,7 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    fn checkpoint(&self, which: Which) -> Result<()> {
+    fn save(&self, which: Which) -> Result<()> {
         let mut optimizers = BTreeMap::new();
         optimizers.insert("segmenter".to_string(), self.opt.state()?);
         let ckpt = Checkpoint {
@@ -319,7 +354,7 @@ impl<'a> Trainer<'a> {
             .with_context(|| format!("saving checkpoint {}", dir.display()))
     }
 
-    fn step(&mut self) -> Result<(f64, Option<f64>)> {
+    fn train_step(&mut self) -> Result<(f64, Option<f64>)> {
         let idx = batch_indices(
             self.cfg.seed,
             self.train_set.len(),
@@ -355,7 +390,7 @@ impl<'a> Trainer<'a> {
         Ok((real.to_scalar::<f32>()? as f64, aug_value))
     }
 
-    fn plot(&self) -> Result<()> {
+    fn draw_plots(&self) -> Result<()> {
         let lines = read_lines(&self.run.metrics_path())?;
         let pts = |key: &str| -> Vec<(f64, f64)> {
             lines
@@ -399,126 +434,164 @@ impl<'a> Trainer<'a> {
     }
 
     fn run(mut self) -> Result<TrainOutcome> {
-        let started = Instant::now();
-        let total = self.cfg.train.iterations;
-        let bar = ProgressBar::new(total).with_position(self.iteration);
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} it  {per_sec}  ETA {eta}  {msg}")
-                .expect("static template"),
-        );
-        let mut interrupted = false;
-        let mut last_saved = self.iteration;
-        while self.iteration < total {
-            if self.stop.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
-            }
-            let t0 = Instant::now();
-            let (loss, aug) = self.step()?;
-            self.iteration += 1;
-            let it = self.iteration;
-            anyhow::ensure!(
-                loss.is_finite(),
-                "training diverged: loss {loss} at iteration {it}"
-            );
-            let mut record = json!({
-                "iteration": it,
-                "loss": loss,
-                "lr": self.opt.learning_rate(),
-                "seconds": started.elapsed().as_secs_f64(),
-                "step_seconds": t0.elapsed().as_secs_f64(),
-            });
-            if let Some(a) = aug {
-                let key = if self.cfg.method == Method::Separate {
-                    "loss_synthetic"
-                } else {
-                    "loss_augmented"
-                };
-                record[key] = json!(a);
-            }
-            let validate = it % self.cfg.train.val_every == 0 || it == total;
-            if validate {
-                let dice = validation_dice(&self.model, &self.val_set, &self.cfg, &self.device)?;
-                record["val_dice"] = json!(dice);
-                // Strictly better, like the reference: ties keep the earlier model.
-                if dice > self.best.0 || (self.best.0 == f64::NEG_INFINITY && dice.is_nan()) {
-                    self.best = (dice, it);
-                    self.checkpoint(Which::Best)?;
-                }
-                bar.set_message(format!(
-                    "loss {loss:.4}  val Dice {dice:.4}  best {:.4} @{}",
-                    self.best.0, self.best.1
-                ));
-                tracing::debug!(iteration = it, loss, val_dice = dice, "validated");
-            }
-            if validate || it % self.cfg.train.log_every == 0 {
-                self.metrics.append(&record)?;
-            }
-            if it % self.cfg.train.checkpoint_every == 0 || it == total {
-                self.checkpoint(Which::Last)?;
-                last_saved = it;
-            }
-            if validate {
-                self.plot()?;
-            }
-            bar.set_position(it);
-        }
-        bar.finish_and_clear();
-        if self.iteration != last_saved {
-            self.checkpoint(Which::Last)?;
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        if interrupted {
-            tracing::warn!(
-                "interrupted at iteration {}: last/ saved; continue with `genseg train --resume {}`",
-                self.iteration,
-                self.run.root().display()
-            );
-        }
-        tracing::info!(
-            "trained {} iterations in {:.1} s; best validation Dice {:.4} at iteration {}",
-            self.iteration,
-            seconds,
-            self.best.0,
-            self.best.1
-        );
-        let test = match (&self.test_set, interrupted) {
-            (Some(test_set), false) => {
-                let best_dir = self.run.checkpoint(Which::Best);
-                let ckpt = Checkpoint::load(&best_dir)
-                    .with_context(|| format!("loading {}", best_dir.display()))?;
-                self.store.load_named_tensors(&ckpt.weights, true)?;
-                let out = self.run.root().join("eval-test");
-                let summary = evaluate_model(
-                    &self.model,
-                    test_set,
-                    &self.cfg,
-                    &self.device,
-                    &out,
-                    &self.cfg.data.path.display().to_string(),
-                    &best_dir.display().to_string(),
-                )?;
-                tracing::info!(
-                    "test split ({} cases): Dice {:.4} ± {:.4}, IoU {:.4} -> {}",
-                    summary.n_cases,
-                    summary.metrics["dice"].mean,
-                    summary.metrics["dice"].std,
-                    summary.metrics["iou"].mean,
-                    out.display()
-                );
-                Some(summary)
-            }
-            _ => None,
+        let cadence = Cadence {
+            total: self.cfg.train.iterations,
+            val_every: self.cfg.train.val_every,
+            log_every: self.cfg.train.log_every,
+            checkpoint_every: self.cfg.train.checkpoint_every,
         };
-        Ok(TrainOutcome {
-            iterations: self.iteration,
-            best_val_dice: self.best.0,
-            best_iteration: self.best.1,
-            interrupted,
-            test,
-            seconds,
-        })
+        let stop = self.stop;
+        let end = run_loop(&mut self, cadence, stop, Instant::now())?;
+        finish_training(
+            &self.run,
+            &self.cfg,
+            &self.store,
+            &self.model,
+            self.test_set.as_ref(),
+            &self.device,
+            self.iteration,
+            self.best,
+            end,
+        )
     }
+}
+
+impl LoopTask for Trainer<'_> {
+    fn iteration(&self) -> u64 {
+        self.iteration
+    }
+
+    fn step(&mut self) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let (loss, aug) = self.train_step()?;
+        self.iteration += 1;
+        let mut record = serde_json::Map::new();
+        record.insert("loss".into(), json!(loss));
+        record.insert("lr".into(), json!(self.opt.learning_rate()));
+        if let Some(a) = aug {
+            let key = if self.cfg.method == Method::Separate {
+                "loss_synthetic"
+            } else {
+                "loss_augmented"
+            };
+            record.insert(key.into(), json!(a));
+        }
+        Ok(record)
+    }
+
+    fn validate(&mut self, it: u64, record: &mut serde_json::Value) -> Result<String> {
+        let dice = validation_dice(&self.model, &self.val_set, &self.cfg, &self.device)?;
+        record["val_dice"] = json!(dice);
+        if keep_if_better(&mut self.best, dice, it) {
+            self.save(Which::Best)?;
+        }
+        tracing::debug!(iteration = it, val_dice = dice, "validated");
+        Ok(format!(
+            "val Dice {dice:.4}  best {:.4} @{}",
+            self.best.0, self.best.1
+        ))
+    }
+
+    fn checkpoint(&self, which: Which) -> Result<()> {
+        self.save(which)
+    }
+
+    fn plot(&self) -> Result<()> {
+        self.draw_plots()
+    }
+
+    fn metrics(&mut self) -> &mut MetricsLog {
+        &mut self.metrics
+    }
+}
+
+/// Keeps `(dice, it)` as the best when strictly better, like the reference (ties keep the
+/// earlier model); a NaN first score (no foreground anywhere) still gives a `best/`.
+pub(crate) fn keep_if_better(best: &mut (f64, u64), dice: f64, it: u64) -> bool {
+    let better = dice > best.0 || (best.0 == f64::NEG_INFINITY && dice.is_nan());
+    if better {
+        *best = (dice, it);
+    }
+    better
+}
+
+/// Logs the end of a segmentation run and, unless interrupted, scores `best/` on the test
+/// split into `eval-test/`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish_training(
+    run: &RunDir,
+    cfg: &RunConfig,
+    store: &ParamStore,
+    model: &UNet,
+    test_set: Option<&Dataset>,
+    device: &Device,
+    iterations: u64,
+    best: (f64, u64),
+    end: LoopEnd,
+) -> Result<TrainOutcome> {
+    if end.interrupted {
+        tracing::warn!(
+            "interrupted at iteration {iterations}: last/ saved; continue with `genseg train --resume {}`",
+            run.root().display()
+        );
+    }
+    tracing::info!(
+        "trained {iterations} iterations in {:.1} s; best validation Dice {:.4} at iteration {}",
+        end.seconds,
+        best.0,
+        best.1
+    );
+    let test = match (test_set, end.interrupted) {
+        (Some(test_set), false) => {
+            let best_dir = run.checkpoint(Which::Best);
+            let ckpt = Checkpoint::load(&best_dir)
+                .with_context(|| format!("loading {}", best_dir.display()))?;
+            store.load_named_tensors(&segmenter_weights(&ckpt.weights), true)?;
+            let out = run.root().join("eval-test");
+            let summary = evaluate_model(
+                model,
+                test_set,
+                cfg,
+                device,
+                &out,
+                &cfg.data.path.display().to_string(),
+                &best_dir.display().to_string(),
+            )?;
+            tracing::info!(
+                "test split ({} cases): Dice {:.4} ± {:.4}, IoU {:.4} -> {}",
+                summary.n_cases,
+                summary.metrics["dice"].mean,
+                summary.metrics["dice"].std,
+                summary.metrics["iou"].mean,
+                out.display()
+            );
+            Some(summary)
+        }
+        _ => None,
+    };
+    Ok(TrainOutcome {
+        iterations,
+        best_val_dice: best.0,
+        best_iteration: best.1,
+        interrupted: end.interrupted,
+        test,
+        seconds: end.seconds,
+    })
+}
+
+/// The segmentation model's tensors of a checkpoint: an end-to-end GenSeg checkpoint also
+/// holds the generator's and discriminator's, under their prefixes.
+pub fn segmenter_weights(
+    weights: &BTreeMap<String, candle_core::Tensor>,
+) -> BTreeMap<String, candle_core::Tensor> {
+    let other = [
+        format!("{GENERATOR_PREFIX}."),
+        format!("{DISCRIMINATOR_PREFIX}."),
+    ];
+    weights
+        .iter()
+        .filter(|(k, _)| !other.iter().any(|p| k.starts_with(p.as_str())))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -23,6 +23,21 @@ pub struct IterationReport {
     pub upper_loss: f64,
     /// Hypergradient applied to the upper vars (direct gradient + chained hops).
     pub hypergradient: Vec<Tensor>,
+    /// Norm of the vector that entered each inner level's hop (see [`UpperGradient`]).
+    pub entering_norms: Vec<f64>,
+}
+
+/// The upper objective and its hypergradient at the current state.
+#[derive(Debug, Clone)]
+pub struct UpperGradient {
+    /// The upper objective.
+    pub loss: f64,
+    /// Direct gradient + chained hops, one tensor per upper var.
+    pub grad: Vec<Tensor>,
+    /// `entering_norms[k]`: norm of the vector over `levels[k]`'s vars that entered its hop
+    /// (for the last level, `‖∇ L_upper‖` w.r.t. its vars; below, what the hop above passed
+    /// down). Zero means no signal reached that level.
+    pub entering_norms: Vec<f64>,
 }
 
 /// A chain of inner levels and the upper problem they serve.
@@ -82,20 +97,26 @@ impl Engine {
     /// The upper objective and its hypergradient w.r.t. the upper vars at the current
     /// state: the direct gradient plus the hops chained from `∇ L_upper` w.r.t. the last
     /// level's vars down to the upper vars. Leaves every var as it found it.
-    pub fn upper_hypergradient(&mut self) -> Result<(f64, Vec<Tensor>)> {
+    pub fn upper_hypergradient(&mut self) -> Result<UpperGradient> {
         let last = self.levels.len() - 1;
         let loss = self.upper.loss()?;
         let grads = loss.backward()?;
         let v = collect_grads(&grads, self.levels[last].vars())?;
         let direct = collect_grads(&grads, self.upper.vars())?;
         let upper_vars = self.upper.vars().to_vec();
-        let chained = self.hypergradient.chain(&mut self.levels, &upper_vars, v)?;
-        let total = direct
+        let (chained, entering_norms) =
+            self.hypergradient
+                .chain_traced(&mut self.levels, &upper_vars, v)?;
+        let grad = direct
             .iter()
             .zip(&chained)
             .map(|(d, c)| d + c)
             .collect::<Result<Vec<_>>>()?;
-        Ok((scalar_value(&loss)?, total))
+        Ok(UpperGradient {
+            loss: scalar_value(&loss)?,
+            grad,
+            entering_norms,
+        })
     }
 
     /// Steps the upper optimizer with `grad` (one tensor per upper var).
@@ -112,12 +133,13 @@ impl Engine {
     /// One iteration: inner steps, hypergradient, upper step.
     pub fn iterate(&mut self) -> Result<IterationReport> {
         let level_losses = self.step_levels()?;
-        let (upper_loss, hypergradient) = self.upper_hypergradient()?;
-        self.step_upper(&hypergradient)?;
+        let upper = self.upper_hypergradient()?;
+        self.step_upper(&upper.grad)?;
         Ok(IterationReport {
             level_losses,
-            upper_loss,
-            hypergradient,
+            upper_loss: upper.loss,
+            hypergradient: upper.grad,
+            entering_norms: upper.entering_norms,
         })
     }
 }
@@ -223,8 +245,9 @@ mod tests {
     fn three_level_chain_matches_brute_force_unrolled_gradient() -> Result<()> {
         let (mut engine, _, _, _) = three_levels(0.1)?;
         engine.step_levels()?;
-        let (loss, hg) = engine.upper_hypergradient()?;
-        let hg = hg[0].to_vec1::<f64>()?;
+        let upper = engine.upper_hypergradient()?;
+        let (loss, hg) = (upper.loss, upper.grad[0].to_vec1::<f64>()?);
+        assert!(upper.entering_norms.iter().all(|n| *n > 0.0));
         assert!((loss - unrolled(&A0).0).abs() < 1e-12, "{loss}");
         let h = 1e-6;
         for j in 0..2 {

@@ -94,8 +94,22 @@ impl Hypergradient {
         upper_vars: &[(String, Var)],
         v: Vec<Tensor>,
     ) -> Result<Vec<Tensor>> {
+        Ok(self.chain_traced(levels, upper_vars, v)?.0)
+    }
+
+    /// [`Hypergradient::chain`], also returning the norm of the vector that entered each
+    /// level (indexed like `levels`): entry `k − 1` is the signal that reached `levels[k − 1]`'s
+    /// vars through `levels[k]` — zero when nothing flows between them.
+    pub fn chain_traced(
+        &self,
+        levels: &mut [Problem],
+        upper_vars: &[(String, Var)],
+        v: Vec<Tensor>,
+    ) -> Result<(Vec<Tensor>, Vec<f64>)> {
+        let mut norms = vec![0.0; levels.len()];
         let mut v = v;
         for k in (0..levels.len()).rev() {
+            norms[k] = l2_norm(&v)?;
             let wrt = if k == 0 {
                 upper_vars.to_vec()
             } else {
@@ -103,7 +117,7 @@ impl Hypergradient {
             };
             v = self.hop(&mut levels[k], &v, &wrt)?;
         }
-        Ok(v)
+        Ok((v, norms))
     }
 }
 

@@ -59,7 +59,7 @@ pub mod hypergradient;
 pub mod problem;
 pub mod snapshot;
 
-pub use engine::{Engine, IterationReport};
+pub use engine::{Engine, IterationReport, UpperGradient};
 pub use hypergradient::{DEFAULT_RADIUS, Hypergradient, l2_norm};
 pub use problem::{LossFn, Problem};
 pub use snapshot::Snapshot;

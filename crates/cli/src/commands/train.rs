@@ -19,7 +19,8 @@ pub struct TrainArgs {
     method: Option<Method>,
     #[command(flatten)]
     run: RunFlags,
-    /// `--method separate`: the generator's pre-training run (sets `separate.generator`).
+    /// `--method separate|genseg`: the generator's pre-training run (sets
+    /// `separate.generator` or `genseg.generator`; genseg pre-trains one when absent).
     #[arg(long)]
     generator: Option<PathBuf>,
     /// The run folder to create.
@@ -52,13 +53,14 @@ impl TrainArgs {
         }
         self.run.apply(&mut cfg.data, &mut cfg.seed)?;
         if let Some(g) = &self.generator {
-            if cfg.method != Method::Separate {
-                bail!(
-                    "--generator is used by --method separate only (the method is {})",
-                    cfg.method
-                );
+            match cfg.method {
+                Method::Separate => cfg.separate.generator = g.clone(),
+                Method::Genseg => cfg.genseg.generator = g.clone(),
+                other => bail!(
+                    "--generator is used by --method separate and genseg only (the method is \
+                     {other})"
+                ),
             }
-            cfg.separate.generator = g.clone();
         }
         Ok(cfg)
     }
