@@ -4,48 +4,13 @@
 //! `genseg data check` and genseg-data accept in both layouts; bad inputs are named errors.
 
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use candle_core::Device;
 use genseg_data::dataset::{DataConfig, Dataset};
 use genseg_data::layout::LayoutChoice;
 
-use crate::support::genseg_bin;
-
-/// The binary with one compute thread (the tests run in parallel).
-fn command() -> Command {
-    let mut cmd = Command::new(genseg_bin());
-    cmd.env("CANDLE_NUM_THREADS", "1")
-        .env("RAYON_NUM_THREADS", "1");
-    cmd
-}
-
-fn genseg<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
-    command()
-        .args(args)
-        .output()
-        .expect("the genseg binary runs")
-}
-
-fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
-    let out = genseg(args);
-    assert!(
-        out.status.success(),
-        "genseg {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
-    let out = genseg(args);
-    assert!(!out.status.success(), "genseg {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
+use crate::support::{command, fails, metrics, ok, s};
 
 fn lung_phantoms(dir: &Path, n: usize) {
     ok(&[
@@ -97,14 +62,6 @@ fn pretrain_args(data: &Path, out: &Path, iterations: u64, extra: &[&str]) -> Ve
     args.extend(["--set".into(), format!("train.iterations={iterations}")]);
     args.extend(extra.iter().map(|a| a.to_string()));
     args
-}
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .expect("metrics.jsonl exists")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect()
 }
 
 #[test]
@@ -514,4 +471,203 @@ fn bad_generator_inputs_are_named_errors() {
         err.contains("generator.ngff") && err.contains("generator.ngf"),
         "{err}"
     );
+}
+
+/// `train --method genseg` arguments: a tiny segmenter at 32 px on the generator run `generator`,
+/// every iteration logged and checkpointed.
+fn genseg_args(
+    data: &Path,
+    generator: &Path,
+    out: &Path,
+    iterations: u64,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--method",
+        "genseg",
+        "--generator",
+        &s(generator),
+        "--data",
+        &s(data),
+        "--n-train",
+        "12",
+        "--n-val",
+        "4",
+        "--seed",
+        "2",
+        "--out",
+        &s(out),
+        "--set",
+        "data.size=32",
+        "--set",
+        "model.unet.base_width=4",
+        "--set",
+        "model.unet.depth=3",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.val_every=4",
+        "--set",
+        "train.checkpoint_every=1",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(["--set".into(), format!("train.iterations={iterations}")]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// One tensor of a checkpoint's weights.
+fn weight(checkpoint: &Path, name: &str) -> Vec<f32> {
+    let tensors =
+        candle_core::safetensors::load(checkpoint.join("weights.safetensors"), &Device::Cpu)
+            .unwrap();
+    tensors
+        .get(name)
+        .unwrap_or_else(|| panic!("{name} not in {}", checkpoint.display()))
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn number(line: &serde_json::Value, key: &str) -> f64 {
+    line[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+#[test]
+fn genseg_tunes_alpha_through_the_generator_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("lungs");
+    lung_phantoms(&data, 20);
+    let generator = tmp.path().join("pix2pix");
+    ok(&pretrain_args(&data, &generator, 10, &[]));
+    let alpha = "netG.arch.upconv";
+    let first_conv = "netG.model.model.0.weight";
+    let alpha0 = weight(&generator.join("best"), alpha);
+
+    // The paper's method: the segmentation loss on validation images reaches the generator
+    // weights (hop 1) and from there α (hop 2), and α moves.
+    let total = 8;
+    let straight = tmp.path().join("straight");
+    ok(&genseg_args(&data, &generator, &straight, total, &[]));
+    let lines = metrics(&straight);
+    assert_eq!(
+        lines.len(),
+        total as usize + 1,
+        "α at iteration 0, then one line per iteration"
+    );
+    assert_eq!(lines[0]["iteration"], 0);
+    for line in &lines[1..] {
+        assert!(number(line, "norm_val_grad") > 0.0, "{line}");
+        assert!(number(line, "norm_generator_signal") > 0.0, "{line}");
+        assert!(number(line, "norm_arch_grad") > 0.0, "{line}");
+        assert_eq!(line["alpha_softmax"].as_array().unwrap().len(), 5);
+    }
+    let alpha_end = weight(&straight.join("last"), alpha);
+    assert_eq!(alpha_end.len(), alpha0.len());
+    let moved = alpha_end
+        .iter()
+        .zip(&alpha0)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1e-4, "α moved by at most {moved}");
+    assert_ne!(
+        weight(&straight.join("last"), first_conv),
+        weight(&generator.join("best"), first_conv),
+        "W_G trains"
+    );
+    for f in [
+        "alpha.png",
+        "progress.png",
+        "samples/iter_000004.png",
+        "eval-test/summary.json",
+    ] {
+        assert!(straight.join(f).is_file(), "{f} missing");
+    }
+    let out = ok(&["evaluate", "--run", &s(&straight)]);
+    assert!(out.contains("Dice"), "{out}");
+
+    // Exact resume of the whole multi-level state after SIGKILL.
+    let killed = tmp.path().join("killed");
+    let args = genseg_args(&data, &generator, &killed, total, &[]);
+    let at_kill = run_and_kill(&args, &killed, 3, total);
+    ok(&["train", "--resume", &s(&killed)]);
+    for f in [
+        "last/weights.safetensors",
+        "last/optim-segmenter.safetensors",
+        "last/optim-generator.safetensors",
+        "last/optim-discriminator.safetensors",
+        "last/optim-arch.safetensors",
+        "best/weights.safetensors",
+    ] {
+        assert!(
+            safetensors_content(&straight.join(f)) == safetensors_content(&killed.join(f)),
+            "{f} differs after a resume from step {at_kill}"
+        );
+    }
+    assert_eq!(metrics(&killed).len(), lines.len());
+
+    // The reference's wiring (spec §1.4 F2): detached synthetic images carry no signal to
+    // the generator, so α stays exactly where pre-training left it; W_G still trains.
+    let detached = tmp.path().join("detached");
+    ok(&genseg_args(
+        &data,
+        &generator,
+        &detached,
+        3,
+        &["--set", "genseg.detach_synthetic=true"],
+    ));
+    for line in &metrics(&detached)[1..] {
+        assert!(number(line, "norm_val_grad") > 0.0, "{line}");
+        assert_eq!(number(line, "norm_generator_signal"), 0.0, "{line}");
+        assert_eq!(number(line, "norm_arch_grad"), 0.0, "{line}");
+    }
+    assert_eq!(weight(&detached.join("last"), alpha), alpha0);
+    assert_ne!(
+        weight(&detached.join("last"), first_conv),
+        weight(&generator.join("best"), first_conv)
+    );
+
+    // Without --generator, one is pre-trained first into <run>/pretrain on the run's split.
+    let auto = tmp.path().join("auto");
+    let mut args = genseg_args(
+        &data,
+        &generator,
+        &auto,
+        2,
+        &["--set", "genseg.pretrain_iterations=3"],
+    );
+    let at = args.iter().position(|a| a == "--generator").unwrap();
+    args.drain(at..at + 2);
+    ok(&args);
+    assert!(auto.join("pretrain/best/weights.safetensors").is_file());
+    assert_eq!(
+        std::fs::read_to_string(auto.join("split.json")).unwrap(),
+        std::fs::read_to_string(auto.join("pretrain/split.json")).unwrap(),
+        "the generator is pre-trained on the run's own split"
+    );
+    assert_eq!(metrics(&auto).len(), 3);
+
+    // A generator of another size, and a folder that is not a generator run.
+    let err = fails(&genseg_args(
+        &data,
+        &generator,
+        &tmp.path().join("size"),
+        2,
+        &["--set", "data.size=64"],
+    ));
+    assert!(err.contains("32 px") && err.contains("data.size"), "{err}");
+    let err = fails(&genseg_args(
+        &data,
+        &straight,
+        &tmp.path().join("notgen"),
+        2,
+        &[],
+    ));
+    assert!(err.contains("not a generator pre-training run"), "{err}");
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 /// The real datasets, `../shared/data` next to the repository. When absent the caller skips its
 /// test, except in CI (`CI=true`), where these tests are mandatory and a missing folder fails.
@@ -22,4 +23,53 @@ pub fn shared_data_dir() -> Option<PathBuf> {
 /// The `genseg` binary built for these tests.
 pub fn genseg_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_genseg"))
+}
+
+/// The binary with one compute thread: the tests run in parallel, and candle's spinning
+/// thread pool would otherwise fight over the cores.
+pub fn command() -> Command {
+    let mut cmd = Command::new(genseg_bin());
+    cmd.env("CANDLE_NUM_THREADS", "1")
+        .env("RAYON_NUM_THREADS", "1");
+    cmd
+}
+
+/// Runs `genseg args`.
+pub fn genseg<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    command()
+        .args(args)
+        .output()
+        .expect("the genseg binary runs")
+}
+
+/// Runs `genseg args`, which must succeed; its stdout.
+pub fn ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let out = genseg(args);
+    assert!(
+        out.status.success(),
+        "genseg {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `genseg args`, which must fail; its stderr.
+pub fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let out = genseg(args);
+    assert!(!out.status.success(), "genseg {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A path as an argument.
+pub fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The lines of a run's metrics.jsonl.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .expect("metrics.jsonl exists")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
 }

@@ -3,54 +3,12 @@
 //! inputs give named errors.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use genseg_backbones::metrics::{BinaryMask, MetricOptions, case_metrics};
 use genseg_data::dataset::{DataConfig, Dataset, ImageSize};
 
-use crate::support::genseg_bin;
-
-/// The binary with one compute thread: the tests run in parallel, and
-/// candle's spinning thread pool would otherwise fight over the cores.
-fn command() -> Command {
-    let mut cmd = Command::new(genseg_bin());
-    cmd.env("CANDLE_NUM_THREADS", "1")
-        .env("RAYON_NUM_THREADS", "1");
-    cmd
-}
-
-fn genseg(args: &[&str]) -> Output {
-    command()
-        .args(args)
-        .output()
-        .expect("the genseg binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = genseg(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "genseg {} failed:\n{stderr}",
-        args.join(" ")
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = genseg(args);
-    assert!(
-        !out.status.success(),
-        "genseg {} should fail",
-        args.join(" ")
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn s(p: &Path) -> String {
-    p.display().to_string()
-}
+use crate::support::{command, fails, ok, s};
 
 fn phantoms(dir: &Path, kind: &str, n: usize, extra: &[&str]) {
     let (n, out) = (n.to_string(), s(dir));

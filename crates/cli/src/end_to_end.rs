@@ -289,6 +289,14 @@ struct EndToEnd<'a> {
     _stop: &'a AtomicBool,
 }
 
+/// `softmax(α)` per searchable up cell of `generator`, outermost first.
+fn alpha_softmax(generator: &Pix2PixGenerator) -> Result<Vec<Vec<f64>>> {
+    Ok(match generator.upconv_mixing_weights()? {
+        Some(w) => w.to_dtype(DType::F64)?.to_vec2::<f64>()?,
+        None => Vec::new(),
+    })
+}
+
 const LEVEL_GENERATOR: usize = 0;
 const LEVEL_SEGMENTER: usize = 1;
 
@@ -472,7 +480,14 @@ impl<'a> EndToEnd<'a> {
             std::fs::remove_file(run.metrics_path())
                 .with_context(|| format!("removing {}", run.metrics_path().display()))?;
         }
-        let metrics = MetricsLog::open(&run.metrics_path(), Some(iteration))?;
+        let mut metrics = MetricsLog::open(&run.metrics_path(), Some(iteration))?;
+        if iteration == 0 {
+            // Where α starts (the pre-trained generator's), the first point of alpha.png.
+            metrics.append(&json!({
+                "iteration": 0,
+                "alpha_softmax": alpha_softmax(&nets.generator)?,
+            }))?;
+        }
         Ok(Self {
             cfg,
             run,
@@ -541,10 +556,7 @@ impl<'a> EndToEnd<'a> {
 
     /// `softmax(α)` per searchable up cell, outermost first.
     fn mixing_weights(&self) -> Result<Vec<Vec<f64>>> {
-        Ok(match self.nets.generator.upconv_mixing_weights()? {
-            Some(w) => w.to_dtype(DType::F64)?.to_vec2::<f64>()?,
-            None => Vec::new(),
-        })
+        alpha_softmax(&self.nets.generator)
     }
 
     fn checkpoint_now(&self, which: Which) -> Result<()> {

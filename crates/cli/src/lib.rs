@@ -14,6 +14,7 @@
 
 pub mod augment;
 pub mod config;
+pub mod demo;
 pub mod driver;
 pub mod end_to_end;
 pub mod evaluate;

@@ -26,6 +26,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Commands {
+    /// Baseline, Separate and GenSeg on built-in phantoms, in minutes (nothing to download).
+    Demo(commands::demo::DemoArgs),
     /// Inspect, split and synthesise datasets.
     Data {
         #[command(subcommand)]
@@ -70,6 +72,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::debug!(device = %genseg_nn::device::device_label(&device), "device selected");
     match cli.command {
         Commands::Data { cmd } => commands::data::run(cmd),
+        Commands::Demo(args) => {
+            let stop = stop_flag()?;
+            commands::demo::run(args, &device, &stop)
+        }
         Commands::Train(args) => {
             let stop = stop_flag()?;
             commands::train::run(args, &device, &stop)

@@ -2,6 +2,7 @@
 //! library crates that do the work.
 
 pub mod data;
+pub mod demo;
 pub mod evaluate;
 pub mod generate;
 pub mod predict;

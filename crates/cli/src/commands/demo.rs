@@ -1,0 +1,48 @@
+//! `genseg demo`: baseline, Separate and GenSeg on built-in phantoms.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Result, bail};
+use candle_core::Device;
+use clap::Args;
+use genseg::demo::{DemoConfig, demo};
+
+/// Arguments of `genseg demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Output folder (its data/, runs/ and predictions/ are replaced).
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// Image side in pixels (a power of two, at least 32).
+    #[arg(long, default_value_t = DemoConfig::default().size)]
+    size: u32,
+    /// Iterations of each segmentation run.
+    #[arg(long, default_value_t = DemoConfig::default().iterations)]
+    iterations: u64,
+    /// Iterations of the generator pre-training.
+    #[arg(long, default_value_t = DemoConfig::default().pretrain_iterations)]
+    pretrain_iterations: u64,
+    /// The one seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Runs `genseg demo` and prints its table.
+pub fn run(args: DemoArgs, device: &Device, stop: &AtomicBool) -> Result<()> {
+    let cfg = DemoConfig {
+        out: args.out,
+        size: args.size,
+        iterations: args.iterations,
+        pretrain_iterations: args.pretrain_iterations,
+        seed: args.seed,
+        ..DemoConfig::default()
+    };
+    match demo(&cfg, device, stop)? {
+        Some(report) => {
+            println!("{}", report.table);
+            Ok(())
+        }
+        None => bail!("interrupted: run `genseg demo` again (it starts afresh)"),
+    }
+}
