@@ -10,7 +10,7 @@ use candle_core::Device;
 use genseg_data::dataset::{DataConfig, Dataset};
 use genseg_data::layout::LayoutChoice;
 
-use crate::support::{command, fails, metrics, ok, s};
+use crate::support::{command, fails, metrics, ok, run_args, s};
 
 fn lung_phantoms(dir: &Path, n: usize) {
     ok(&[
@@ -31,37 +31,16 @@ fn lung_phantoms(dir: &Path, n: usize) {
 
 /// `pretrain-generator` arguments for a tiny, fast generator at 32 px.
 fn pretrain_args(data: &Path, out: &Path, iterations: u64, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "pretrain-generator",
-        "--data",
-        &s(data),
-        "--n-train",
-        "12",
-        "--n-val",
-        "4",
-        "--seed",
-        "2",
-        "--out",
-        &s(out),
-        "--set",
+    let sets = [
         "data.size=32",
-        "--set",
         "generator.ngf=8",
-        "--set",
         "discriminator.ndf=8",
-        "--set",
         "train.batch_size=4",
-        "--set",
         "train.val_every=20",
-        "--set",
         "train.checkpoint_every=10",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    args.extend(["--set".into(), format!("train.iterations={iterations}")]);
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    ];
+    let command = ["pretrain-generator"];
+    run_args(&command, data, (12, 4, 2), out, &sets, iterations, extra)
 }
 
 #[test]
@@ -482,41 +461,17 @@ fn genseg_args(
     iterations: u64,
     extra: &[&str],
 ) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "train",
-        "--method",
-        "genseg",
-        "--generator",
-        &s(generator),
-        "--data",
-        &s(data),
-        "--n-train",
-        "12",
-        "--n-val",
-        "4",
-        "--seed",
-        "2",
-        "--out",
-        &s(out),
-        "--set",
+    let sets = [
         "data.size=32",
-        "--set",
         "model.unet.base_width=4",
-        "--set",
         "model.unet.depth=3",
-        "--set",
         "train.log_every=1",
-        "--set",
         "train.val_every=4",
-        "--set",
         "train.checkpoint_every=1",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    args.extend(["--set".into(), format!("train.iterations={iterations}")]);
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    ];
+    let generator = s(generator);
+    let command = ["train", "--method", "genseg", "--generator", &generator];
+    run_args(&command, data, (12, 4, 2), out, &sets, iterations, extra)
 }
 
 /// One tensor of a checkpoint's weights.

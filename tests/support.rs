@@ -73,3 +73,33 @@ pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect()
 }
+
+/// The arguments of a training command: `command` (e.g. `["train", "--method", "flip"]`),
+/// the regime `--data --n-train --n-val --seed --out`, each `sets` entry as `--set`,
+/// `train.iterations`, then `extra`.
+pub fn run_args(
+    command: &[&str],
+    data: &Path,
+    (n_train, n_val, seed): (usize, usize, u64),
+    out: &Path,
+    sets: &[&str],
+    iterations: u64,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+    for (flag, value) in [
+        ("--data", s(data)),
+        ("--n-train", n_train.to_string()),
+        ("--n-val", n_val.to_string()),
+        ("--seed", seed.to_string()),
+        ("--out", s(out)),
+    ] {
+        args.extend([flag.to_string(), value]);
+    }
+    for kv in sets {
+        args.extend(["--set".to_string(), kv.to_string()]);
+    }
+    args.extend(["--set".into(), format!("train.iterations={iterations}")]);
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}

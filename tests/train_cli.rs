@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use genseg_backbones::metrics::{BinaryMask, MetricOptions, case_metrics};
 use genseg_data::dataset::{DataConfig, Dataset, ImageSize};
 
-use crate::support::{command, fails, ok, s};
+use crate::support::{command, fails, ok, run_args, s};
 
 fn phantoms(dir: &Path, kind: &str, n: usize, extra: &[&str]) {
     let (n, out) = (n.to_string(), s(dir));
@@ -21,41 +21,16 @@ fn phantoms(dir: &Path, kind: &str, n: usize, extra: &[&str]) {
 
 /// A small, fast configuration for tests.
 const SMALL: &[&str] = &[
-    "--set",
     "data.size=64",
-    "--set",
     "model.unet.base_width=8",
-    "--set",
     "model.unet.depth=3",
-    "--set",
     "train.batch_size=4",
-    "--set",
     "train.lr=0.003",
-    "--set",
     "train.val_every=20",
 ];
 
 fn train(data: &Path, out: &Path, iterations: u64, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "train",
-        "--data",
-        &s(data),
-        "--n-train",
-        "12",
-        "--n-val",
-        "4",
-        "--seed",
-        "1",
-        "--out",
-        &s(out),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    args.extend(SMALL.iter().map(|a| a.to_string()));
-    args.extend(["--set".into(), format!("train.iterations={iterations}")]);
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    run_args(&["train"], data, (12, 4, 1), out, SMALL, iterations, extra)
 }
 
 fn run_train(args: &[String]) -> String {

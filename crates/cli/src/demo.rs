@@ -16,7 +16,7 @@ use candle_core::Device;
 use genseg_data::check::{CheckOptions, check_dataset};
 use genseg_data::phantom::{PhantomConfig, PhantomKind, write_phantoms};
 
-use crate::config::{Method, Profile, RunConfig};
+use crate::config::{DataSection, Method, Profile, RunConfig};
 use crate::evaluate::{SplitChoice, evaluate_run};
 use crate::pretrain::PretrainConfig;
 use crate::run_dir::Which;
@@ -96,6 +96,14 @@ fn recreate(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Points a run's `[data]` at the phantom pool with the demo's size and regime.
+fn use_pool(data: &mut DataSection, cfg: &DemoConfig, pool: &Path) {
+    data.path = pool.to_path_buf();
+    data.size = cfg.size;
+    data.n_train = cfg.n_train;
+    data.n_val = cfg.n_val;
+}
+
 /// Runs the demo; `None` when interrupted (Ctrl-C).
 pub fn demo(cfg: &DemoConfig, device: &Device, stop: &AtomicBool) -> Result<Option<DemoReport>> {
     let started = Instant::now();
@@ -129,10 +137,7 @@ pub fn demo(cfg: &DemoConfig, device: &Device, stop: &AtomicBool) -> Result<Opti
 
     let mut pcfg = PretrainConfig::profile(Profile::Cpu);
     pcfg.seed = cfg.seed;
-    pcfg.data.path = pool.clone();
-    pcfg.data.size = cfg.size;
-    pcfg.data.n_train = cfg.n_train;
-    pcfg.data.n_val = cfg.n_val;
+    use_pool(&mut pcfg.data, cfg, &pool);
     pcfg.train.iterations = cfg.pretrain_iterations;
     pcfg.train.val_every = cfg.pretrain_iterations.div_ceil(3).max(1);
     let generator = runs.join("pix2pix");
@@ -146,10 +151,7 @@ pub fn demo(cfg: &DemoConfig, device: &Device, stop: &AtomicBool) -> Result<Opti
         let mut rc = RunConfig::profile(Profile::Cpu);
         rc.method = method;
         rc.seed = cfg.seed;
-        rc.data.path = pool.clone();
-        rc.data.size = cfg.size;
-        rc.data.n_train = cfg.n_train;
-        rc.data.n_val = cfg.n_val;
+        use_pool(&mut rc.data, cfg, &pool);
         rc.train.iterations = cfg.iterations;
         rc.train.val_every = cfg.iterations.div_ceil(6).max(1);
         rc.train.checkpoint_every = cfg.iterations;

@@ -44,11 +44,8 @@ use serde_json::json;
 use crate::config::RunConfig;
 use crate::driver::{Cadence, LoopTask, extra_f64, extra_u64, run_loop};
 use crate::plot::{Series, plot_panels};
-use crate::pretrain::{
-    DISCRIMINATOR_PREFIX, GENERATOR_PREFIX, Networks, PretrainConfig, build_networks, with_prefix,
-    without_buffer_updates,
-};
-use crate::run_dir::{MetricsLog, RunDir, Which, read_lines};
+use crate::pretrain::{Networks, PretrainConfig, build_networks, without_buffer_updates};
+use crate::run_dir::{MetricsLog, RunDir, Which, read_lines, series};
 use crate::seeding::{Purpose, rng_for, seed_for};
 use crate::synth::masks_to_tensor;
 use crate::train::{
@@ -77,12 +74,6 @@ pub fn train(
     device: &Device,
     stop: &AtomicBool,
 ) -> Result<TrainOutcome> {
-    let mut cfg = cfg;
-    if !cfg.genseg.generator.as_os_str().is_empty() {
-        let g = &cfg.genseg.generator;
-        cfg.genseg.generator = std::fs::canonicalize(g)
-            .with_context(|| format!("generator run {} not found", g.display()))?;
-    }
     let PreparedRun { cfg, run, data, .. } = prepare_run(cfg, out)?;
     if !cfg.genseg.generator.as_os_str().is_empty() {
         // Fail before config.toml is written when the generator does not fit the data.
@@ -367,12 +358,8 @@ impl<'a> EndToEnd<'a> {
                 seg_store
                     .load_named_tensors(&crate::train::segmenter_weights(&c.weights), true)
                     .context("restoring the segmenter from last/")?;
-                nets.g_store
-                    .load_named_tensors(&with_prefix(&c.weights, GENERATOR_PREFIX), true)
-                    .context("restoring the generator from last/")?;
-                nets.d_store
-                    .load_named_tensors(&with_prefix(&c.weights, DISCRIMINATOR_PREFIX), true)
-                    .context("restoring the discriminator from last/")?;
+                nets.load_weights(&c.weights)
+                    .context("resuming from last/")?;
                 let opts: [(&str, &mut dyn Optimizer); 4] = [
                     ("segmenter", opt_seg.as_mut()),
                     ("generator", &mut opt_g),
@@ -380,12 +367,8 @@ impl<'a> EndToEnd<'a> {
                     ("arch", &mut opt_arch),
                 ];
                 for (name, opt) in opts {
-                    let state = c
-                        .optimizers
-                        .get(name)
-                        .with_context(|| format!("last/ has no {name} optimizer state"))?;
-                    opt.load_state(state)
-                        .with_context(|| format!("restoring the {name} optimizer from last/"))?;
+                    c.restore_optimizer(name, opt)
+                        .context("resuming from last/")?;
                 }
                 (
                     c.step,
@@ -405,12 +388,8 @@ impl<'a> EndToEnd<'a> {
                 );
                 let pre = Checkpoint::load(&dir)
                     .with_context(|| format!("loading generator checkpoint {}", dir.display()))?;
-                nets.g_store
-                    .load_named_tensors(&with_prefix(&pre.weights, GENERATOR_PREFIX), true)
-                    .with_context(|| format!("loading the generator from {}", dir.display()))?;
-                nets.d_store
-                    .load_named_tensors(&with_prefix(&pre.weights, DISCRIMINATOR_PREFIX), true)
-                    .with_context(|| format!("loading the discriminator from {}", dir.display()))?;
+                nets.load_weights(&pre.weights)
+                    .with_context(|| format!("starting from {}", dir.display()))?;
                 (0, (f64::NEG_INFINITY, 0))
             }
         };
@@ -559,40 +538,6 @@ impl<'a> EndToEnd<'a> {
         alpha_softmax(&self.nets.generator)
     }
 
-    fn checkpoint_now(&self, which: Which) -> Result<()> {
-        let mut weights = self.seg_store.named_tensors()?;
-        weights.extend(self.nets.g_store.named_tensors()?);
-        weights.extend(self.nets.d_store.named_tensors()?);
-        let mut optimizers = BTreeMap::new();
-        let levels = self.engine.levels();
-        optimizers.insert(
-            "generator".to_string(),
-            levels[LEVEL_GENERATOR].optimizer().state()?,
-        );
-        optimizers.insert(
-            "segmenter".to_string(),
-            levels[LEVEL_SEGMENTER].optimizer().state()?,
-        );
-        optimizers.insert("discriminator".to_string(), self.opt_d.state()?);
-        optimizers.insert("arch".to_string(), self.engine.upper().optimizer().state()?);
-        let ckpt = Checkpoint {
-            step: self.iteration,
-            weights,
-            optimizers,
-            rng: BTreeMap::new(),
-            config_toml: toml::to_string_pretty(&self.cfg)?,
-            extra: json!({
-                "best_val_dice": self.best.0,
-                "best_iteration": self.best.1,
-                "method": "genseg",
-                "alpha_softmax": self.mixing_weights()?,
-            }),
-        };
-        let dir = self.run.checkpoint(which);
-        ckpt.save(&dir)
-            .with_context(|| format!("saving checkpoint {}", dir.display()))
-    }
-
     /// mask | real | synthetic rows for the first validation pairs, without moving any
     /// BatchNorm statistics.
     fn sample_grid(&self, it: u64) -> Result<()> {
@@ -621,91 +566,6 @@ impl<'a> EndToEnd<'a> {
             &path,
             &image::DynamicImage::ImageRgb8(image_grid(&rows, 2)?),
         )?;
-        Ok(())
-    }
-
-    fn plots(&self) -> Result<()> {
-        let lines = read_lines(&self.run.metrics_path())?;
-        let pts = |key: &str| -> Vec<(f64, f64)> {
-            lines
-                .iter()
-                .filter_map(|v| Some((v.get("iteration")?.as_f64()?, v.get(key)?.as_f64()?)))
-                .collect()
-        };
-        let (real, syn, val) = (pts("loss_real"), pts("loss_synthetic"), pts("loss_val"));
-        let (d, g, dice) = (pts("loss_d"), pts("loss_g"), pts("val_dice"));
-        use plotters::style::{BLUE, GREEN, RED};
-        let series = |label, points, color| Series {
-            label,
-            points,
-            color,
-        };
-        plot_panels(
-            &self.run.progress_path(),
-            &[
-                (
-                    "segmentation losses",
-                    "loss",
-                    vec![
-                        series("real", &real, BLUE),
-                        series("synthetic", &syn, GREEN),
-                        series("validation batch", &val, RED),
-                    ],
-                ),
-                (
-                    "generator level",
-                    "loss",
-                    vec![series("D", &d, BLUE), series("G (GAN + λ·L1)", &g, GREEN)],
-                ),
-                ("validation", "Dice", vec![series("val Dice", &dice, RED)]),
-            ],
-        )?;
-        // One panel per searchable cell: the softmax of its α over the candidates.
-        let cells = lines
-            .iter()
-            .rev()
-            .find_map(|v| v.get("alpha_softmax")?.as_array().map(Vec::len))
-            .unwrap_or(0);
-        let colors = [BLUE, GREEN, RED];
-        let mut curves: Vec<Vec<Vec<(f64, f64)>>> = vec![vec![Vec::new(); CANDIDATES.len()]; cells];
-        for v in &lines {
-            let (Some(it), Some(rows)) = (
-                v.get("iteration").and_then(|x| x.as_f64()),
-                v.get("alpha_softmax").and_then(|x| x.as_array()),
-            ) else {
-                continue;
-            };
-            for (cell, row) in rows.iter().enumerate().take(cells) {
-                for (k, p) in row.as_array().into_iter().flatten().enumerate() {
-                    if let (Some(p), Some(curve)) = (p.as_f64(), curves[cell].get_mut(k)) {
-                        curve.push((it, p));
-                    }
-                }
-            }
-        }
-        let labels: Vec<String> = CANDIDATES
-            .iter()
-            .map(|c| format!("k{} p{}", c.kernel, c.padding))
-            .collect();
-        let titles: Vec<String> = (0..cells)
-            .map(|c| format!("up cell {c} (0 = outermost): softmax(α)"))
-            .collect();
-        let panels: Vec<(&str, &str, Vec<Series>)> = curves
-            .iter()
-            .zip(&titles)
-            .map(|(cell, title)| {
-                let s = cell
-                    .iter()
-                    .zip(&labels)
-                    .zip(colors)
-                    .map(|((points, label), color)| series(label, points, color))
-                    .collect();
-                (title.as_str(), "weight", s)
-            })
-            .collect();
-        if !panels.is_empty() {
-            plot_panels(&self.run.root().join("alpha.png"), &panels)?;
-        }
         Ok(())
     }
 }
@@ -843,7 +703,7 @@ impl LoopTask for EndToEnd<'_> {
         let dice = validation_dice(self.seg.as_ref(), &self.val_set, &self.cfg, &self.device)?;
         record["val_dice"] = json!(dice);
         if keep_if_better(&mut self.best, dice, it) {
-            self.checkpoint_now(Which::Best)?;
+            self.checkpoint(Which::Best)?;
         }
         self.sample_grid(it)?;
         Ok(format!(
@@ -853,11 +713,115 @@ impl LoopTask for EndToEnd<'_> {
     }
 
     fn checkpoint(&self, which: Which) -> Result<()> {
-        self.checkpoint_now(which)
+        let mut weights = self.seg_store.named_tensors()?;
+        weights.extend(self.nets.g_store.named_tensors()?);
+        weights.extend(self.nets.d_store.named_tensors()?);
+        let mut optimizers = BTreeMap::new();
+        let levels = self.engine.levels();
+        optimizers.insert(
+            "generator".to_string(),
+            levels[LEVEL_GENERATOR].optimizer().state()?,
+        );
+        optimizers.insert(
+            "segmenter".to_string(),
+            levels[LEVEL_SEGMENTER].optimizer().state()?,
+        );
+        optimizers.insert("discriminator".to_string(), self.opt_d.state()?);
+        optimizers.insert("arch".to_string(), self.engine.upper().optimizer().state()?);
+        let ckpt = Checkpoint {
+            step: self.iteration,
+            weights,
+            optimizers,
+            rng: BTreeMap::new(),
+            config_toml: toml::to_string_pretty(&self.cfg)?,
+            extra: json!({
+                "best_val_dice": self.best.0,
+                "best_iteration": self.best.1,
+                "method": "genseg",
+                "alpha_softmax": self.mixing_weights()?,
+            }),
+        };
+        self.run.save_checkpoint(which, &ckpt)
     }
 
     fn plot(&self) -> Result<()> {
-        self.plots()
+        let lines = read_lines(&self.run.metrics_path())?;
+        let pts = |key: &str| series(&lines, key);
+        let (real, syn, val) = (pts("loss_real"), pts("loss_synthetic"), pts("loss_val"));
+        let (d, g, dice) = (pts("loss_d"), pts("loss_g"), pts("val_dice"));
+        use plotters::style::{BLUE, GREEN, RED};
+        let series = |label, points, color| Series {
+            label,
+            points,
+            color,
+        };
+        plot_panels(
+            &self.run.progress_path(),
+            &[
+                (
+                    "segmentation losses",
+                    "loss",
+                    vec![
+                        series("real", &real, BLUE),
+                        series("synthetic", &syn, GREEN),
+                        series("validation batch", &val, RED),
+                    ],
+                ),
+                (
+                    "generator level",
+                    "loss",
+                    vec![series("D", &d, BLUE), series("G (GAN + λ·L1)", &g, GREEN)],
+                ),
+                ("validation", "Dice", vec![series("val Dice", &dice, RED)]),
+            ],
+        )?;
+        // One panel per searchable cell: the softmax of its α over the candidates.
+        let cells = lines
+            .iter()
+            .rev()
+            .find_map(|v| v.get("alpha_softmax")?.as_array().map(Vec::len))
+            .unwrap_or(0);
+        let colors = [BLUE, GREEN, RED];
+        let mut curves: Vec<Vec<Vec<(f64, f64)>>> = vec![vec![Vec::new(); CANDIDATES.len()]; cells];
+        for v in &lines {
+            let (Some(it), Some(rows)) = (
+                v.get("iteration").and_then(|x| x.as_f64()),
+                v.get("alpha_softmax").and_then(|x| x.as_array()),
+            ) else {
+                continue;
+            };
+            for (cell, row) in rows.iter().enumerate().take(cells) {
+                for (k, p) in row.as_array().into_iter().flatten().enumerate() {
+                    if let (Some(p), Some(curve)) = (p.as_f64(), curves[cell].get_mut(k)) {
+                        curve.push((it, p));
+                    }
+                }
+            }
+        }
+        let labels: Vec<String> = CANDIDATES
+            .iter()
+            .map(|c| format!("k{} p{}", c.kernel, c.padding))
+            .collect();
+        let titles: Vec<String> = (0..cells)
+            .map(|c| format!("up cell {c} (0 = outermost): softmax(α)"))
+            .collect();
+        let panels: Vec<(&str, &str, Vec<Series>)> = curves
+            .iter()
+            .zip(&titles)
+            .map(|(cell, title)| {
+                let s = cell
+                    .iter()
+                    .zip(&labels)
+                    .zip(colors)
+                    .map(|((points, label), color)| series(label, points, color))
+                    .collect();
+                (title.as_str(), "weight", s)
+            })
+            .collect();
+        if !panels.is_empty() {
+            plot_panels(&self.run.root().join("alpha.png"), &panels)?;
+        }
+        Ok(())
     }
 
     fn metrics(&mut self) -> &mut MetricsLog {

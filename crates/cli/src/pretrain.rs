@@ -40,7 +40,7 @@ use serde_json::json;
 use crate::config::{DataSection, Profile, RunConfig};
 use crate::driver::{Cadence, LoopTask, extra_f64, extra_u64, run_loop};
 use crate::plot::{Series, plot_panels};
-use crate::run_dir::{MetricsLog, RunDir, Which, read_lines};
+use crate::run_dir::{MetricsLog, RunDir, Which, read_lines, series};
 use crate::seeding::{Purpose, rng_for, seed_for};
 use crate::ssim::ssim;
 use crate::train::batch_indices;
@@ -197,6 +197,19 @@ pub struct Networks {
     pub d_store: ParamStore,
     /// The discriminator.
     pub discriminator: PatchDiscriminator,
+}
+
+impl Networks {
+    /// Loads both networks from checkpoint `weights` (their tensors under
+    /// [`GENERATOR_PREFIX`] and [`DISCRIMINATOR_PREFIX`]; other tensors are ignored).
+    pub fn load_weights(&self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+        self.g_store
+            .load_named_tensors(&with_prefix(weights, GENERATOR_PREFIX), true)
+            .context("loading the generator")?;
+        self.d_store
+            .load_named_tensors(&with_prefix(weights, DISCRIMINATOR_PREFIX), true)
+            .context("loading the discriminator")
+    }
 }
 
 /// Builds the generator of `cfg` (already fitted to the data) in a fresh store seeded from
@@ -407,20 +420,12 @@ impl<'a> Pretrainer<'a> {
         let mut opt_d = adam(nets.d_store.trainable_vars(), &cfg.train)?;
         let (iteration, initial_l1, best) = match &ckpt {
             Some(c) => {
-                nets.g_store
-                    .load_named_tensors(&with_prefix(&c.weights, GENERATOR_PREFIX), true)
-                    .context("restoring the generator from last/")?;
-                nets.d_store
-                    .load_named_tensors(&with_prefix(&c.weights, DISCRIMINATOR_PREFIX), true)
-                    .context("restoring the discriminator from last/")?;
-                for (name, opt) in [("generator", &mut opt_g), ("discriminator", &mut opt_d)] {
-                    let state = c
-                        .optimizers
-                        .get(name)
-                        .with_context(|| format!("last/ has no {name} optimizer state"))?;
-                    opt.load_state(state)
-                        .with_context(|| format!("restoring the {name} optimizer from last/"))?;
-                }
+                nets.load_weights(&c.weights)
+                    .context("resuming from last/")?;
+                c.restore_optimizer("generator", &mut opt_g)
+                    .context("resuming from last/")?;
+                c.restore_optimizer("discriminator", &mut opt_d)
+                    .context("resuming from last/")?;
                 (
                     c.step,
                     extra_f64(&c.extra, "initial_val_l1").unwrap_or(f64::NAN),
@@ -454,30 +459,6 @@ impl<'a> Pretrainer<'a> {
             metrics,
             stop,
         })
-    }
-
-    fn save(&self, which: Which) -> Result<()> {
-        let mut weights = self.nets.g_store.named_tensors()?;
-        weights.extend(self.nets.d_store.named_tensors()?);
-        let mut optimizers = BTreeMap::new();
-        optimizers.insert("generator".to_string(), self.opt_g.state()?);
-        optimizers.insert("discriminator".to_string(), self.opt_d.state()?);
-        let ckpt = Checkpoint {
-            step: self.iteration,
-            weights,
-            optimizers,
-            rng: BTreeMap::new(),
-            config_toml: toml::to_string_pretty(&self.cfg)?,
-            extra: json!({
-                "initial_val_l1": self.initial_l1,
-                "best_val_l1": self.best.0,
-                "best_iteration": self.best.1,
-                "method": "pix2pix",
-            }),
-        };
-        let dir = self.run.checkpoint(which);
-        ckpt.save(&dir)
-            .with_context(|| format!("saving checkpoint {}", dir.display()))
     }
 
     /// One D step then one G step; returns (D loss, G GAN part, G L1 part).
@@ -558,69 +539,6 @@ impl<'a> Pretrainer<'a> {
         })
     }
 
-    fn draw_plots(&self) -> Result<()> {
-        let lines = read_lines(&self.run.metrics_path())?;
-        let pts = |key: &str| -> Vec<(f64, f64)> {
-            lines
-                .iter()
-                .filter_map(|v| Some((v.get("iteration")?.as_f64()?, v.get(key)?.as_f64()?)))
-                .collect()
-        };
-        let (d, g, l1, val) = (
-            pts("loss_d"),
-            pts("loss_g_gan"),
-            pts("loss_g_l1"),
-            pts("val_l1"),
-        );
-        let ssim = pts("val_ssim");
-        plot_panels(
-            &self.run.progress_path(),
-            &[
-                (
-                    "adversarial losses",
-                    "loss",
-                    vec![
-                        Series {
-                            label: "D",
-                            points: &d,
-                            color: plotters::style::BLUE,
-                        },
-                        Series {
-                            label: "G (GAN)",
-                            points: &g,
-                            color: plotters::style::GREEN,
-                        },
-                    ],
-                ),
-                (
-                    "L1 to the real image",
-                    "L1",
-                    vec![
-                        Series {
-                            label: "train",
-                            points: &l1,
-                            color: plotters::style::BLUE,
-                        },
-                        Series {
-                            label: "val",
-                            points: &val,
-                            color: plotters::style::RED,
-                        },
-                    ],
-                ),
-                (
-                    "validation SSIM",
-                    "SSIM",
-                    vec![Series {
-                        label: "val SSIM",
-                        points: &ssim,
-                        color: plotters::style::RED,
-                    }],
-                ),
-            ],
-        )
-    }
-
     /// Validates at iteration `it`; keeps `best/` when the L1 is strictly lower.
     fn validate_and_keep(&mut self, it: u64, record: &mut serde_json::Value) -> Result<ValScores> {
         let scores = self.score(it)?;
@@ -631,7 +549,7 @@ impl<'a> Pretrainer<'a> {
         }
         if scores.l1 < self.best.0 {
             self.best = (scores.l1, it);
-            self.save(Which::Best)?;
+            self.checkpoint(Which::Best)?;
         }
         tracing::debug!(
             iteration = it,
@@ -715,11 +633,83 @@ impl LoopTask for Pretrainer<'_> {
     }
 
     fn checkpoint(&self, which: Which) -> Result<()> {
-        self.save(which)
+        let mut weights = self.nets.g_store.named_tensors()?;
+        weights.extend(self.nets.d_store.named_tensors()?);
+        let mut optimizers = BTreeMap::new();
+        optimizers.insert("generator".to_string(), self.opt_g.state()?);
+        optimizers.insert("discriminator".to_string(), self.opt_d.state()?);
+        let ckpt = Checkpoint {
+            step: self.iteration,
+            weights,
+            optimizers,
+            rng: BTreeMap::new(),
+            config_toml: toml::to_string_pretty(&self.cfg)?,
+            extra: json!({
+                "initial_val_l1": self.initial_l1,
+                "best_val_l1": self.best.0,
+                "best_iteration": self.best.1,
+                "method": "pix2pix",
+            }),
+        };
+        self.run.save_checkpoint(which, &ckpt)
     }
 
     fn plot(&self) -> Result<()> {
-        self.draw_plots()
+        let lines = read_lines(&self.run.metrics_path())?;
+        let pts = |key: &str| series(&lines, key);
+        let (d, g, l1, val) = (
+            pts("loss_d"),
+            pts("loss_g_gan"),
+            pts("loss_g_l1"),
+            pts("val_l1"),
+        );
+        let ssim = pts("val_ssim");
+        plot_panels(
+            &self.run.progress_path(),
+            &[
+                (
+                    "adversarial losses",
+                    "loss",
+                    vec![
+                        Series {
+                            label: "D",
+                            points: &d,
+                            color: plotters::style::BLUE,
+                        },
+                        Series {
+                            label: "G (GAN)",
+                            points: &g,
+                            color: plotters::style::GREEN,
+                        },
+                    ],
+                ),
+                (
+                    "L1 to the real image",
+                    "L1",
+                    vec![
+                        Series {
+                            label: "train",
+                            points: &l1,
+                            color: plotters::style::BLUE,
+                        },
+                        Series {
+                            label: "val",
+                            points: &val,
+                            color: plotters::style::RED,
+                        },
+                    ],
+                ),
+                (
+                    "validation SSIM",
+                    "SSIM",
+                    vec![Series {
+                        label: "val SSIM",
+                        points: &ssim,
+                        color: plotters::style::RED,
+                    }],
+                ),
+            ],
+        )
     }
 
     fn metrics(&mut self) -> &mut MetricsLog {

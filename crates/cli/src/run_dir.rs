@@ -102,6 +102,17 @@ impl RunDir {
         self.root.join(which.name())
     }
 
+    /// Writes `ckpt` as the run's `which` checkpoint (atomically).
+    pub fn save_checkpoint(
+        &self,
+        which: Which,
+        ckpt: &genseg_nn::checkpoint::Checkpoint,
+    ) -> Result<()> {
+        let dir = self.checkpoint(which);
+        ckpt.save(&dir)
+            .with_context(|| format!("saving checkpoint {}", dir.display()))
+    }
+
     /// Writes a config as TOML (atomically).
     pub fn write_config<T: Serialize>(&self, cfg: &T) -> Result<()> {
         let text = toml::to_string_pretty(cfg).context("serialising the run configuration")?;
@@ -182,6 +193,15 @@ impl MetricsLog {
             .and_then(|_| self.file.flush())
             .with_context(|| format!("writing {}", self.path.display()))
     }
+}
+
+/// `(iteration, value)` of every record of `lines` that has a number under `key`: one
+/// curve of a plot.
+pub fn series(lines: &[serde_json::Value], key: &str) -> Vec<(f64, f64)> {
+    lines
+        .iter()
+        .filter_map(|v| Some((v.get("iteration")?.as_f64()?, v.get(key)?.as_f64()?)))
+        .collect()
 }
 
 /// All records of a metrics.jsonl file.

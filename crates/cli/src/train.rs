@@ -15,7 +15,7 @@
 //! the seed and the iteration (see [`crate::seeding`]).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -39,7 +39,7 @@ use crate::driver::{Cadence, LoopEnd, LoopTask, extra_f64, extra_u64, run_loop};
 use crate::evaluate::evaluate_model;
 use crate::plot::{Series, plot_panels};
 use crate::pretrain::{DISCRIMINATOR_PREFIX, GENERATOR_PREFIX};
-use crate::run_dir::{MetricsLog, RunDir, Which, read_lines};
+use crate::run_dir::{MetricsLog, RunDir, Which, read_lines, series};
 use crate::seeding::{Purpose, rng_for, seed_for};
 use crate::synth::{Synthesizer, load_generator};
 
@@ -186,10 +186,18 @@ pub(crate) struct PreparedRun {
 /// drawn (or read) and written. The caller writes config.toml once its own checks passed.
 pub(crate) fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
     let mut cfg = cfg;
-    // Absolute, so `--resume` from another working directory finds the data.
-    let data_path = &cfg.data.path;
-    cfg.data.path = std::fs::canonicalize(data_path)
-        .with_context(|| format!("dataset folder {} not found", data_path.display()))?;
+    // Absolute, so `--resume` from another working directory finds the data and the
+    // generator run.
+    let absolute = |path: &Path, what: &str| -> Result<PathBuf> {
+        std::fs::canonicalize(path).with_context(|| format!("{what} {} not found", path.display()))
+    };
+    cfg.data.path = absolute(&cfg.data.path, "dataset folder")?;
+    if cfg.method == Method::Separate {
+        cfg.separate.generator = absolute(&cfg.separate.generator, "generator run")?;
+    }
+    if cfg.method == Method::Genseg && !cfg.genseg.generator.as_os_str().is_empty() {
+        cfg.genseg.generator = absolute(&cfg.genseg.generator, "generator run")?;
+    }
     let run = RunDir::create(out)?;
     crate::log_to_file(&run.log_path())?;
     let data = cfg.data.load(&cfg.data.path)?;
@@ -246,13 +254,6 @@ pub fn train(
     if cfg.method == Method::Genseg {
         return crate::end_to_end::train(cfg, out, device, stop);
     }
-    let mut cfg = cfg;
-    if cfg.method == Method::Separate {
-        // Absolute, so `--resume` from another folder still finds the generator.
-        let g = &cfg.separate.generator;
-        cfg.separate.generator = std::fs::canonicalize(g)
-            .with_context(|| format!("generator run {} not found", g.display()))?;
-    }
     let PreparedRun {
         cfg,
         run,
@@ -303,12 +304,8 @@ impl<'a> Trainer<'a> {
                 store
                     .load_named_tensors(&c.weights, true)
                     .context("restoring weights from last/")?;
-                let state = c
-                    .optimizers
-                    .get("segmenter")
-                    .context("last/ has no segmenter optimizer state")?;
-                opt.load_state(state)
-                    .context("restoring the optimizer from last/")?;
+                c.restore_optimizer("segmenter", opt.as_mut())
+                    .context("resuming from last/")?;
                 let best_dice = extra_f64(&c.extra, "best_val_dice").unwrap_or(f64::NEG_INFINITY);
                 let best_it = extra_u64(&c.extra, "best_iteration").unwrap_or(0);
                 (c.step, (best_dice, best_it))
@@ -332,26 +329,6 @@ impl<'a> Trainer<'a> {
             stop,
             synth,
         })
-    }
-
-    fn save(&self, which: Which) -> Result<()> {
-        let mut optimizers = BTreeMap::new();
-        optimizers.insert("segmenter".to_string(), self.opt.state()?);
-        let ckpt = Checkpoint {
-            step: self.iteration,
-            weights: self.store.named_tensors()?,
-            optimizers,
-            rng: BTreeMap::new(),
-            config_toml: toml::to_string_pretty(&self.cfg)?,
-            extra: json!({
-                "best_val_dice": self.best.0,
-                "best_iteration": self.best.1,
-                "method": self.cfg.method.to_string(),
-            }),
-        };
-        let dir = self.run.checkpoint(which);
-        ckpt.save(&dir)
-            .with_context(|| format!("saving checkpoint {}", dir.display()))
     }
 
     fn train_step(&mut self) -> Result<(f64, Option<f64>)> {
@@ -388,49 +365,6 @@ impl<'a> Trainer<'a> {
         let grads = total.backward()?;
         self.opt.step(&grads)?;
         Ok((real.to_scalar::<f32>()? as f64, aug_value))
-    }
-
-    fn draw_plots(&self) -> Result<()> {
-        let lines = read_lines(&self.run.metrics_path())?;
-        let pts = |key: &str| -> Vec<(f64, f64)> {
-            lines
-                .iter()
-                .filter_map(|v| Some((v.get("iteration")?.as_f64()?, v.get(key)?.as_f64()?)))
-                .collect()
-        };
-        let (loss, val) = (pts("loss"), pts("val_dice"));
-        let (aug, aug_label) = if self.cfg.method == Method::Separate {
-            (pts("loss_synthetic"), "synthetic")
-        } else {
-            (pts("loss_augmented"), "augmented")
-        };
-        let mut loss_series = vec![Series {
-            label: "real",
-            points: &loss,
-            color: plotters::style::BLUE,
-        }];
-        if !aug.is_empty() {
-            loss_series.push(Series {
-                label: aug_label,
-                points: &aug,
-                color: plotters::style::GREEN,
-            });
-        }
-        plot_panels(
-            &self.run.progress_path(),
-            &[
-                ("training loss", "loss", loss_series),
-                (
-                    "validation",
-                    "Dice",
-                    vec![Series {
-                        label: "val Dice",
-                        points: &val,
-                        color: plotters::style::RED,
-                    }],
-                ),
-            ],
-        )
     }
 
     fn run(mut self) -> Result<TrainOutcome> {
@@ -482,7 +416,7 @@ impl LoopTask for Trainer<'_> {
         let dice = validation_dice(&self.model, &self.val_set, &self.cfg, &self.device)?;
         record["val_dice"] = json!(dice);
         if keep_if_better(&mut self.best, dice, it) {
-            self.save(Which::Best)?;
+            self.checkpoint(Which::Best)?;
         }
         tracing::debug!(iteration = it, val_dice = dice, "validated");
         Ok(format!(
@@ -492,11 +426,59 @@ impl LoopTask for Trainer<'_> {
     }
 
     fn checkpoint(&self, which: Which) -> Result<()> {
-        self.save(which)
+        let mut optimizers = BTreeMap::new();
+        optimizers.insert("segmenter".to_string(), self.opt.state()?);
+        let ckpt = Checkpoint {
+            step: self.iteration,
+            weights: self.store.named_tensors()?,
+            optimizers,
+            rng: BTreeMap::new(),
+            config_toml: toml::to_string_pretty(&self.cfg)?,
+            extra: json!({
+                "best_val_dice": self.best.0,
+                "best_iteration": self.best.1,
+                "method": self.cfg.method.to_string(),
+            }),
+        };
+        self.run.save_checkpoint(which, &ckpt)
     }
 
     fn plot(&self) -> Result<()> {
-        self.draw_plots()
+        let lines = read_lines(&self.run.metrics_path())?;
+        let pts = |key: &str| series(&lines, key);
+        let (loss, val) = (pts("loss"), pts("val_dice"));
+        let (aug, aug_label) = if self.cfg.method == Method::Separate {
+            (pts("loss_synthetic"), "synthetic")
+        } else {
+            (pts("loss_augmented"), "augmented")
+        };
+        let mut loss_series = vec![Series {
+            label: "real",
+            points: &loss,
+            color: plotters::style::BLUE,
+        }];
+        if !aug.is_empty() {
+            loss_series.push(Series {
+                label: aug_label,
+                points: &aug,
+                color: plotters::style::GREEN,
+            });
+        }
+        plot_panels(
+            &self.run.progress_path(),
+            &[
+                ("training loss", "loss", loss_series),
+                (
+                    "validation",
+                    "Dice",
+                    vec![Series {
+                        label: "val Dice",
+                        points: &val,
+                        color: plotters::style::RED,
+                    }],
+                ),
+            ],
+        )
     }
 
     fn metrics(&mut self) -> &mut MetricsLog {

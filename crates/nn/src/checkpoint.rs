@@ -82,6 +82,21 @@ fn check_optimizer_name(name: &str) -> anyhow::Result<()> {
 }
 
 impl Checkpoint {
+    /// Loads the optimizer state saved under `name` into `opt`; a missing entry or a state
+    /// that does not fit `opt` is an error naming the optimizer.
+    pub fn restore_optimizer(
+        &self,
+        name: &str,
+        opt: &mut dyn crate::optim::Optimizer,
+    ) -> anyhow::Result<()> {
+        let state = self
+            .optimizers
+            .get(name)
+            .with_context(|| format!("the checkpoint has no {name} optimizer state"))?;
+        opt.load_state(state)
+            .with_context(|| format!("restoring the {name} optimizer"))
+    }
+
     /// Writes the checkpoint to `dir` atomically (see the module docs), replacing any
     /// checkpoint already there.
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
