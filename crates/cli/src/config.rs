@@ -108,6 +108,20 @@ impl DataSection {
             .with_context(|| format!("loading dataset {}", path.display()))
     }
 
+    /// The run's split of the pool `ids`: read from `split_file` (fold `fold`), or drawn
+    /// with `seed` (`n_train` + `n_val`, the rest test); checked against `ids`.
+    pub fn split(&self, ids: &[String], seed: u64) -> Result<genseg_data::split::Split> {
+        use genseg_data::split::{Split, read_split_file, select_fold};
+        let split = if self.split_file.as_os_str().is_empty() {
+            Split::low_data(ids, self.n_train, self.n_val, seed)?
+        } else {
+            let splits = read_split_file(&self.split_file)?;
+            select_fold(&splits, self.fold)?.clone()
+        };
+        split.validate(ids)?;
+        Ok(split)
+    }
+
     /// The genseg-data reading options.
     pub fn data_config(&self) -> Result<DataConfig> {
         let mask_rule = parse_mask_rule(&self.mask_rule)?;

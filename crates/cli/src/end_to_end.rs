@@ -117,7 +117,7 @@ fn start(
         None
     };
     let (train_set, val_set, test_set) = subsets(data, &split)?;
-    let mut task = EndToEnd::new(cfg, run, device, train_set, val_set, ckpt, stop)?;
+    let mut task = EndToEnd::new(cfg, run, device, train_set, val_set, ckpt)?;
     let g = &task.cfg.genseg;
     let rates = task.cfg.genseg_rates();
     tracing::info!(
@@ -256,7 +256,7 @@ struct Nets {
     post: Rc<PostProcessor>,
 }
 
-struct EndToEnd<'a> {
+struct EndToEnd {
     cfg: RunConfig,
     run: RunDir,
     device: Device,
@@ -277,7 +277,6 @@ struct EndToEnd<'a> {
     iteration: u64,
     best: (f64, u64),
     metrics: MetricsLog,
-    _stop: &'a AtomicBool,
 }
 
 /// `softmax(α)` per searchable up cell of `generator`, outermost first.
@@ -295,7 +294,7 @@ fn scalar(t: &Tensor) -> candle_core::Result<f64> {
     t.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
-impl<'a> EndToEnd<'a> {
+impl EndToEnd {
     fn new(
         cfg: RunConfig,
         run: RunDir,
@@ -303,7 +302,6 @@ impl<'a> EndToEnd<'a> {
         train_set: Dataset,
         val_set: Dataset,
         ckpt: Option<Checkpoint>,
-        stop: &'a AtomicBool,
     ) -> Result<Self> {
         anyhow::ensure!(
             !val_set.is_empty(),
@@ -486,7 +484,6 @@ impl<'a> EndToEnd<'a> {
             iteration,
             best,
             metrics,
-            _stop: stop,
         })
     }
 
@@ -635,7 +632,7 @@ fn validation_loss_fn(
     })
 }
 
-impl LoopTask for EndToEnd<'_> {
+impl LoopTask for EndToEnd {
     fn iteration(&self) -> u64 {
         self.iteration
     }

@@ -26,7 +26,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use genseg_data::dataset::Dataset;
-use genseg_data::split::{Split, read_split_file, select_fold, write_split_file};
+use genseg_data::split::{Split, write_split_file};
 use genseg_data::writer::{image_grid, images_from_tensor, write_image};
 use genseg_generator::discriminator::{DiscriminatorConfig, PatchDiscriminator};
 use genseg_generator::generator::{GeneratorConfig, Pix2PixGenerator};
@@ -316,13 +316,7 @@ pub fn pretrain(
     let mut cfg = cfg;
     let data = cfg.data.load(&cfg.data.path)?;
     cfg.fit_to_data(data.channels());
-    let split = if cfg.data.split_file.as_os_str().is_empty() {
-        Split::low_data(&data.ids(), cfg.data.n_train, cfg.data.n_val, cfg.seed)?
-    } else {
-        let splits = read_split_file(&cfg.data.split_file)?;
-        select_fold(&splits, cfg.data.fold)?.clone()
-    };
-    split.validate(&data.ids())?;
+    let split = cfg.data.split(&data.ids(), cfg.seed)?;
     anyhow::ensure!(
         !split.val.is_empty(),
         "the split has no validation cases: they choose the best generator"

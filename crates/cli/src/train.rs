@@ -26,7 +26,7 @@ use genseg_backbones::metrics::{binarize_logits, binarize_targets, case_metrics}
 use genseg_backbones::report::Summary;
 use genseg_backbones::unet::UNet;
 use genseg_data::dataset::Dataset;
-use genseg_data::split::{Split, read_split_file, select_fold, write_split_file};
+use genseg_data::split::{Split, write_split_file};
 use genseg_nn::checkpoint::Checkpoint;
 use genseg_nn::optim::Optimizer;
 use genseg_nn::params::ParamStore;
@@ -202,13 +202,7 @@ pub(crate) fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
     crate::log_to_file(&run.log_path())?;
     let data = cfg.data.load(&cfg.data.path)?;
     cfg.model.unet.in_channels = data.channels();
-    let split = if cfg.data.split_file.as_os_str().is_empty() {
-        Split::low_data(&data.ids(), cfg.data.n_train, cfg.data.n_val, cfg.seed)?
-    } else {
-        let splits = read_split_file(&cfg.data.split_file)?;
-        select_fold(&splits, cfg.data.fold)?.clone()
-    };
-    split.validate(&data.ids())?;
+    let split = cfg.data.split(&data.ids(), cfg.seed)?;
     write_split_file(&run.split_path(), std::slice::from_ref(&split))?;
     tracing::info!(
         "run {}: {} on {} ({} train / {} val / {} test, {} channel(s), {} px)",
