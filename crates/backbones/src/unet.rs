@@ -12,8 +12,9 @@
 //! parameters, like the reference.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 use genseg_nn::batch_norm::{BatchNorm2d, BatchNormConfig};
+use genseg_nn::conv::{Conv2d, ConvTranspose2d};
 use genseg_nn::init::{InitScheme, conv_transpose2d, conv2d};
 use genseg_nn::ops::{max_pool2d, resize_bilinear};
 use serde::{Deserialize, Serialize};

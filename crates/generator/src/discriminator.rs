@@ -10,8 +10,9 @@
 //! (`model.0.weight`, `model.2.weight`, `model.3.running_mean`, ...).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use genseg_nn::batch_norm::{BatchNorm2d, BatchNormConfig};
+use genseg_nn::conv::Conv2d;
 use genseg_nn::init::{InitScheme, conv2d};
 use serde::{Deserialize, Serialize};
 

@@ -267,8 +267,8 @@ impl MixedCell {
         stride: usize,
     ) -> Result<Tensor> {
         match self.direction {
-            Direction::Up => x.conv_transpose2d(kernel, padding, 0, stride, 1),
-            Direction::Down => x.conv2d(kernel, padding, stride, 1, 1),
+            Direction::Up => genseg_nn::conv::conv_transpose2d(x, kernel, padding, 0, stride, 1),
+            Direction::Down => genseg_nn::conv::conv2d(x, kernel, padding, stride, 1, 1),
         }
     }
 

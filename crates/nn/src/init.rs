@@ -140,7 +140,7 @@ pub fn conv2d(
     bias: bool,
     scheme: InitScheme,
     vb: VarBuilder,
-) -> Result<candle_nn::Conv2d> {
+) -> Result<crate::conv::Conv2d> {
     let groups = cfg.groups;
     if in_c == 0 || out_c == 0 || kernel == 0 {
         candle_core::bail!(
@@ -173,7 +173,7 @@ pub fn conv2d(
     } else {
         None
     };
-    Ok(candle_nn::Conv2d::new(weight, bias, cfg))
+    Ok(crate::conv::Conv2d::new(weight, bias, cfg))
 }
 
 /// A 2-d transposed convolution with weight `[in_c, out_c, k, k]` (named `weight`) and an
@@ -186,7 +186,7 @@ pub fn conv_transpose2d(
     bias: bool,
     scheme: InitScheme,
     vb: VarBuilder,
-) -> Result<candle_nn::ConvTranspose2d> {
+) -> Result<crate::conv::ConvTranspose2d> {
     if in_c == 0 || out_c == 0 || kernel == 0 {
         candle_core::bail!(
             "conv_transpose2d {}: channels and kernel must be positive, got in {in_c} out {out_c} kernel {kernel}",
@@ -213,7 +213,7 @@ pub fn conv_transpose2d(
     } else {
         None
     };
-    Ok(candle_nn::ConvTranspose2d::new(weight, bias, cfg))
+    Ok(crate::conv::ConvTranspose2d::new(weight, bias, cfg))
 }
 
 /// A fully connected layer with weight `[out, in]` (named `weight`) and an optional bias

@@ -1,0 +1,295 @@
+//! Convolutions that train fast on a CPU: `conv2d` and `conv_transpose2d` as candle custom
+//! ops with our own forward and backward kernels ([`kernels`]), used by every model here.
+//!
+//! On other devices, other dtypes (f16, bf16) or grouped convolutions the functions defer
+//! to candle's own ops (cuDNN on CUDA), so a model written against this module runs
+//! everywhere. Values and gradients equal candle's to float rounding (tests below and in
+//! `tests/conv_ops.rs`).
+
+mod geometry;
+mod kernels;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, bail};
+pub use candle_nn::{Conv2dConfig, ConvTranspose2dConfig};
+
+use geometry::ConvGeometry;
+use kernels::Real;
+
+/// Which of the three passes of one convolution a custom op computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// `(x, w) -> y`
+    Forward,
+    /// `(dy, w) -> dx`, also the transposed convolution's forward pass.
+    InputGradient,
+    /// `(x, dy) -> dw`
+    WeightGradient,
+}
+
+/// One pass of the convolution `geometry`, with the candle graph hooks: the forward and
+/// input-gradient passes are each other's adjoints, so their backward passes are each
+/// other plus a weight gradient.
+#[derive(Debug, Clone, Copy)]
+struct ConvOp {
+    geometry: ConvGeometry,
+    pass: Pass,
+}
+
+impl ConvOp {
+    fn run<T: Real>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        let g = &self.geometry;
+        match self.pass {
+            Pass::Forward => kernels::forward(g, a, b),
+            Pass::InputGradient => kernels::input_gradient(g, a, b),
+            Pass::WeightGradient => kernels::weight_gradient(g, a, b),
+        }
+    }
+
+    fn output_dims(&self) -> [usize; 4] {
+        let g = &self.geometry;
+        match self.pass {
+            Pass::Forward => g.output_dims(),
+            Pass::InputGradient => g.input_dims(),
+            Pass::WeightGradient => g.weight_dims(),
+        }
+    }
+
+    fn with(self, pass: Pass) -> Self {
+        Self { pass, ..self }
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!(
+            "conv kernel: {what} must be contiguous, got strides {:?}",
+            layout.stride()
+        ),
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        match self.pass {
+            Pass::Forward => "genseg-conv2d",
+            Pass::InputGradient => "genseg-conv2d-input-gradient",
+            Pass::WeightGradient => "genseg-conv2d-weight-gradient",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = Shape::from(self.output_dims().to_vec());
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                CpuStorage::F32(self.run(contiguous(a, l1, "lhs")?, contiguous(b, l2, "rhs")?))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                CpuStorage::F64(self.run(contiguous(a, l1, "lhs")?, contiguous(b, l2, "rhs")?))
+            }
+            (a, b) => bail!(
+                "{}: runs on f32 or f64 pairs, got {:?} and {:?}",
+                self.name(),
+                a.dtype(),
+                b.dtype()
+            ),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        match self.pass {
+            // (x, w) -> y: dx = adjoint(dy, w), dw = weight_gradient(x, dy)
+            Pass::Forward => Ok((
+                Some(grad.apply_op2_no_bwd(b, &self.with(Pass::InputGradient))?),
+                Some(a.apply_op2_no_bwd(&grad, &self.with(Pass::WeightGradient))?),
+            )),
+            // (dy, w) -> dx (transposed conv of dy): d(dy) = forward(d(dx), w),
+            // dw = weight_gradient(d(dx), dy)
+            Pass::InputGradient => Ok((
+                Some(grad.apply_op2_no_bwd(b, &self.with(Pass::Forward))?),
+                Some(grad.apply_op2_no_bwd(a, &self.with(Pass::WeightGradient))?),
+            )),
+            Pass::WeightGradient => bail!("{}: no second-order gradient", self.name()),
+        }
+    }
+}
+
+/// Whether our kernels handle this input; otherwise candle's op runs.
+fn runs_here(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == w.dtype()
+}
+
+fn dims4(t: &Tensor, op: &str, what: &str) -> Result<(usize, usize, usize, usize)> {
+    t.dims4().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "{op}: {what} must be 4-d, got shape {:?}",
+            t.dims()
+        ))
+    })
+}
+
+/// `conv2d` with candle's signature (`x: [batch, c_in, h, w]`, `w: [c_out, c_in / groups,
+/// kh, kw]`), on our kernels on the CPU.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    if groups != 1 || !runs_here(x, w) {
+        return x.conv2d(w, padding, stride, dilation, groups);
+    }
+    let geometry = ConvGeometry::forward(
+        dims4(x, "conv2d", "input")?,
+        dims4(w, "conv2d", "weight")?,
+        padding,
+        stride,
+        dilation,
+    )?;
+    let op = ConvOp {
+        geometry,
+        pass: Pass::Forward,
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+/// `conv_transpose2d` with candle's signature (`x: [batch, c_in, h, w]`, `w: [c_in,
+/// c_out, kh, kw]`), on our kernels on the CPU.
+pub fn conv_transpose2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    output_padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    if !runs_here(x, w) {
+        return x.conv_transpose2d(w, padding, output_padding, stride, dilation);
+    }
+    let geometry = ConvGeometry::transposed(
+        dims4(x, "conv_transpose2d", "input")?,
+        dims4(w, "conv_transpose2d", "weight")?,
+        padding,
+        output_padding,
+        stride,
+        dilation,
+    )?;
+    let op = ConvOp {
+        geometry,
+        pass: Pass::InputGradient,
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        None => Ok(y),
+        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+    }
+}
+
+/// A 2-d convolution layer (weight `[c_out, c_in / groups, kh, kw]`, optional bias
+/// `[c_out]`), the drop-in for `candle_nn::Conv2d` that runs on [`conv2d`].
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: Conv2dConfig,
+}
+
+impl Conv2d {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Self {
+        Self {
+            weight,
+            bias,
+            config,
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn config(&self) -> &Conv2dConfig {
+        &self.config
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let y = conv2d(x, &self.weight, c.padding, c.stride, c.dilation, c.groups)?;
+        add_bias(y, self.bias.as_ref())
+    }
+}
+
+/// A 2-d transposed convolution layer (weight `[c_in, c_out, kh, kw]`, optional bias
+/// `[c_out]`), the drop-in for `candle_nn::ConvTranspose2d` that runs on
+/// [`conv_transpose2d`].
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: ConvTranspose2dConfig,
+}
+
+impl ConvTranspose2d {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, config: ConvTranspose2dConfig) -> Self {
+        Self {
+            weight,
+            bias,
+            config,
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn config(&self) -> &ConvTranspose2dConfig {
+        &self.config
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.config;
+        let y = conv_transpose2d(
+            x,
+            &self.weight,
+            c.padding,
+            c.output_padding,
+            c.stride,
+            c.dilation,
+        )?;
+        add_bias(y, self.bias.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests;
