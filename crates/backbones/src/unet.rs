@@ -121,8 +121,8 @@ impl DoubleConv {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        self.bn2.forward_t(&self.conv2.forward(&x)?, train)?.relu()
+        let x = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
+        self.bn2.forward_relu_t(&self.conv2.forward(&x)?, train)
     }
 }
 

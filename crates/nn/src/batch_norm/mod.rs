@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::init::InitScheme;
 
+mod fused;
+
 /// Hyperparameters of [`BatchNorm2d`]; defaults are PyTorch's.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -143,6 +145,21 @@ impl BatchNorm2d {
     /// Normalises `x` `[N, C, H, W]`: with batch statistics (updating the running ones)
     /// when `train`, with the running statistics otherwise.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.normalise(x, train, false)
+    }
+
+    /// `relu(forward_t(x, train))`; in training on the CPU the ReLU runs inside the
+    /// normalisation's own pass (and its backward), saving two passes over the activation.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.normalise(x, train, true)
+    }
+
+    fn normalise(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let fused = train && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        self.normalise_with(x, train, relu, fused)
+    }
+
+    fn normalise_with(&self, x: &Tensor, train: bool, relu: bool, fused: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4().map_err(|_| {
             candle_core::Error::Msg(format!(
                 "batch_norm: expected a [N, C, H, W] input, got shape {:?}",
@@ -157,15 +174,18 @@ impl BatchNorm2d {
             );
         }
         let stat_dtype = self.running_mean.dtype();
+        if train && n * h * w < 2 {
+            // PyTorch refuses too: the unbiased variance of one value is undefined.
+            candle_core::bail!(
+                "batch_norm: training needs more than one value per channel, got input shape {:?}",
+                x.dims()
+            );
+        }
+        if fused {
+            return self.normalise_fused(x, relu, stat_dtype);
+        }
         let x_hat = if train {
             let count = n * h * w;
-            if count < 2 {
-                // PyTorch refuses too: the unbiased variance of one value is undefined.
-                candle_core::bail!(
-                    "batch_norm: training needs more than one value per channel, got input shape {:?}",
-                    x.dims()
-                );
-            }
             // [N, C, H, W] -> [1, C, 1, 1]
             let mean = x.mean_keepdim((0, 2, 3))?;
             let centered = x.broadcast_sub(&mean)?;
@@ -185,14 +205,40 @@ impl BatchNorm2d {
                 .reshape(shape)?;
             x.broadcast_sub(&mean)?.broadcast_div(&std)?
         };
-        match (&self.weight, &self.bias) {
+        let y = match (&self.weight, &self.bias) {
             (Some(weight), Some(bias)) => {
                 let weight = weight.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?;
                 let bias = bias.to_dtype(x.dtype())?.reshape((1, c, 1, 1))?;
-                x_hat.broadcast_mul(&weight)?.broadcast_add(&bias)
+                x_hat.broadcast_mul(&weight)?.broadcast_add(&bias)?
             }
-            _ => Ok(x_hat),
-        }
+            _ => x_hat,
+        };
+        if relu { y.relu() } else { Ok(y) }
+    }
+
+    /// Training mode on the CPU: batch statistics and normalisation as custom ops.
+    fn normalise_fused(&self, x: &Tensor, relu: bool, stat_dtype: DType) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let (n, c, h, w) = x.dims4()?;
+        let stats = x.apply_op1_no_bwd(&fused::ChannelStats)?;
+        self.update_running_stats(&stats.get(0)?, &stats.get(1)?, n * h * w, stat_dtype)?;
+        let affine = match (&self.weight, &self.bias) {
+            (Some(weight), Some(bias)) => {
+                Tensor::stack(&[weight.to_dtype(x.dtype())?, bias.to_dtype(x.dtype())?], 0)?
+            }
+            _ => Tensor::stack(
+                &[
+                    Tensor::ones(c, x.dtype(), x.device())?,
+                    Tensor::zeros(c, x.dtype(), x.device())?,
+                ],
+                0,
+            )?,
+        };
+        let op = fused::BatchNormTrain {
+            eps: self.config.eps,
+            relu,
+        };
+        x.apply_op3(&affine, &stats, op)
     }
 
     fn update_running_stats(
@@ -471,6 +517,93 @@ mod tests {
             )
             .unwrap();
             report.ensure(1e-6).unwrap();
+        }
+    }
+
+    /// The fused CPU path against the composed candle ops it replaces: outputs, running
+    /// statistics and gradients (x, gamma, beta), with and without ReLU, f32.
+    #[test]
+    fn fused_training_path_matches_composed_ops() {
+        for (relu, dims) in [
+            (false, [2usize, 3, 5, 7]),
+            (true, [1, 4, 6, 6]),
+            (true, [3, 1, 2, 9]),
+        ] {
+            let mut results = Vec::new();
+            for fused in [true, false] {
+                let store = ParamStore::new(3, DType::F32, &Device::Cpu);
+                let bn = BatchNorm2d::new(
+                    dims[1],
+                    BatchNormConfig::default(),
+                    InitScheme::Pix2Pix,
+                    store.var_builder(),
+                )
+                .unwrap();
+                let mut rng = SeededRng::new(9);
+                let x = Var::from_tensor(
+                    &normal(&mut rng, &dims[..], 0.5, 2.0, DType::F32, &Device::Cpu).unwrap(),
+                )
+                .unwrap();
+                let y = bn.normalise_with(x.as_tensor(), true, relu, fused).unwrap();
+                let weights =
+                    normal(&mut rng, &dims[..], 0.0, 1.0, DType::F32, &Device::Cpu).unwrap();
+                let grads = (&y * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let mut got = vec![
+                    vec1(&y),
+                    vec1(bn.running_mean().as_tensor()),
+                    vec1(bn.running_var().as_tensor()),
+                ];
+                got.push(vec1(grads.get(x.as_tensor()).unwrap()));
+                got.push(vec1(grads.get(bn.weight().unwrap()).unwrap()));
+                got.push(vec1(grads.get(bn.bias().unwrap()).unwrap()));
+                results.push(got);
+            }
+            for (k, (a, b)) in results[0].iter().zip(&results[1]).enumerate() {
+                for (u, v) in a.iter().zip(b) {
+                    assert!(
+                        (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
+                        "relu {relu} {dims:?} tensor {k}: {u} vs {v}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_gradients_match_finite_differences() {
+        for relu in [false, true] {
+            let store = ParamStore::new(4, DType::F64, &Device::Cpu);
+            let bn = BatchNorm2d::new(
+                3,
+                BatchNormConfig::default(),
+                InitScheme::Pix2Pix,
+                store.var_builder(),
+            )
+            .unwrap();
+            let mut rng = SeededRng::new(5);
+            let x = normal(&mut rng, (2, 3, 3, 4), 0.3, 1.5, DType::F64, &Device::Cpu).unwrap();
+            let weights =
+                normal(&mut rng, (2, 3, 3, 4), 0.0, 1.0, DType::F64, &Device::Cpu).unwrap();
+            let gamma = bn.weight().unwrap().clone();
+            let beta = bn.bias().unwrap().clone();
+            check_gradients(
+                |v| {
+                    let affine = Tensor::stack(&[&v[1], &v[2]], 0)?;
+                    let stats = v[0].apply_op1_no_bwd(&fused::ChannelStats)?;
+                    let y =
+                        v[0].apply_op3(&affine, &stats, fused::BatchNormTrain { eps: 1e-5, relu })?;
+                    (y * &weights)?.sum_all()
+                },
+                &[x, gamma, beta],
+                GradCheckOptions::default(),
+            )
+            .unwrap()
+            .assert_ok(1e-6);
         }
     }
 }

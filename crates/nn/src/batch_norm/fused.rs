@@ -1,0 +1,337 @@
+//! Training-mode BatchNorm (optionally followed by ReLU) as CPU custom ops: one pass for
+//! the statistics, one for the output, two for the whole backward.
+//!
+//! Composed from candle ops, a BatchNorm forward and backward is about fifteen full passes
+//! over the activation, among them strided reductions over `(N, H, W)` that candle runs
+//! element by element; on the UNet's 256 px layers that cost more than the convolutions.
+//! Here each pass is parallel over channels (statistics, gradient sums) or contiguous
+//! `H·W` planes (output, input gradient), with per-channel sums in f64.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// `[N, C, H, W]` seen as `N·C` contiguous planes of `H·W`.
+#[derive(Debug, Clone, Copy)]
+struct Planes {
+    channels: usize,
+    plane: usize,
+    count: usize,
+}
+
+impl Planes {
+    fn of(layout: &Layout) -> Result<Self> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        Ok(Self {
+            channels: c,
+            plane: h * w,
+            count: n * c,
+        })
+    }
+
+    /// Values per channel (`N·H·W`).
+    fn per_channel(&self) -> usize {
+        self.count / self.channels * self.plane
+    }
+
+    /// The planes of channel `c`.
+    fn of_channel<'a, T>(&self, data: &'a [T], c: usize) -> impl Iterator<Item = &'a [T]> {
+        (c..self.count)
+            .step_by(self.channels)
+            .map(move |i| &data[i * self.plane..(i + 1) * self.plane])
+    }
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: inputs must be contiguous"),
+    }
+}
+
+fn sum_f64<T: Float>(values: impl Iterator<Item = T>) -> f64 {
+    values.fold(0.0, |acc, v| acc + v.to_f64().unwrap_or(f64::NAN))
+}
+
+/// Per-channel scale and shift of the normalised, affine output: `y = x·scale + shift`.
+fn scale_shift(gamma: f64, beta: f64, mean: f64, var: f64, eps: f64) -> (f64, f64, f64) {
+    let inv_std = 1.0 / (var + eps).sqrt();
+    let scale = gamma * inv_std;
+    (scale, beta - mean * scale, inv_std)
+}
+
+fn cast<T: Float>(v: f64) -> T {
+    T::from(v).unwrap_or_else(T::nan)
+}
+
+/// `x [N, C, H, W] -> [2, C]`: the batch mean and biased variance of each channel (two
+/// passes, so no cancellation).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ChannelStats;
+
+impl ChannelStats {
+    fn run<T: Float + Send + Sync>(x: &[T], p: Planes) -> Vec<T> {
+        let m = p.per_channel() as f64;
+        let stats: Vec<(f64, f64)> = (0..p.channels)
+            .into_par_iter()
+            .map(|c| {
+                let mean = p
+                    .of_channel(x, c)
+                    .map(|plane| sum_f64(plane.iter().copied()))
+                    .sum::<f64>()
+                    / m;
+                let var = p
+                    .of_channel(x, c)
+                    .map(|plane| {
+                        plane.iter().fold(0.0, |acc, v| {
+                            let d = v.to_f64().unwrap_or(f64::NAN) - mean;
+                            acc + d * d
+                        })
+                    })
+                    .sum::<f64>()
+                    / m;
+                (mean, var)
+            })
+            .collect();
+        stats
+            .iter()
+            .map(|s| cast(s.0))
+            .chain(stats.iter().map(|s| cast(s.1)))
+            .collect()
+    }
+}
+
+impl CustomOp1 for ChannelStats {
+    fn name(&self) -> &'static str {
+        "genseg-batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = Planes::of(l)?;
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(Self::run(contiguous(x, l, self.name())?, p)),
+            CpuStorage::F64(x) => CpuStorage::F64(Self::run(contiguous(x, l, self.name())?, p)),
+            _ => bail!("{}: runs on f32 or f64", self.name()),
+        };
+        Ok((out, Shape::from((2, p.channels))))
+    }
+}
+
+/// `(x [N, C, H, W], affine [2, C] = (gamma, beta), stats [2, C] = (mean, var)) -> y`,
+/// `y = (x - mean) / sqrt(var + eps) · gamma + beta`, then ReLU when `relu`.
+///
+/// Its backward treats `stats` as the batch statistics of `x` (their dependence on `x` is
+/// in the input gradient) and returns no gradient for `stats` itself.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BatchNormTrain {
+    pub eps: f64,
+    pub relu: bool,
+}
+
+/// Per-channel `(gamma, beta, mean, var)` from `[2, C]` affine and `[2, C]` stats.
+fn channel_params<T: Float>(affine: &[T], stats: &[T], c: usize, channels: usize) -> [f64; 4] {
+    let f = |v: T| v.to_f64().unwrap_or(f64::NAN);
+    [
+        f(affine[c]),
+        f(affine[channels + c]),
+        f(stats[c]),
+        f(stats[channels + c]),
+    ]
+}
+
+impl BatchNormTrain {
+    fn forward<T: Float + Send + Sync>(
+        &self,
+        x: &[T],
+        affine: &[T],
+        stats: &[T],
+        p: Planes,
+    ) -> Vec<T> {
+        let mut y = vec![T::zero(); x.len()];
+        y.par_chunks_mut(p.plane)
+            .zip(x.par_chunks(p.plane))
+            .enumerate()
+            .for_each(|(i, (y, x))| {
+                let [gamma, beta, mean, var] =
+                    channel_params(affine, stats, i % p.channels, p.channels);
+                let (scale, shift, _) = scale_shift(gamma, beta, mean, var, self.eps);
+                let (scale, shift) = (cast::<T>(scale), cast::<T>(shift));
+                for (y, &x) in y.iter_mut().zip(x) {
+                    let v = x * scale + shift;
+                    *y = if self.relu { v.max(T::zero()) } else { v };
+                }
+            });
+        y
+    }
+
+    /// `(x, dy, params [4, C] = (gamma, beta, mean, var))` -> `dx` followed by `dgamma [C]`
+    /// and `dbeta [C]`, flat.
+    fn backward<T: Float + Send + Sync>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        params: &[T],
+        p: Planes,
+    ) -> Vec<T> {
+        let (affine, stats) = params.split_at(2 * p.channels);
+        let m = p.per_channel() as f64;
+        let relu = self.relu;
+        // With ReLU, the gradient passes where the recomputed output is positive.
+        let gated = |x: T, dy: T, scale: T, shift: T| {
+            if relu && x * scale + shift <= T::zero() {
+                T::zero()
+            } else {
+                dy
+            }
+        };
+        // Per channel: sum(dy') and sum(dy' · x_hat).
+        let sums: Vec<(f64, f64)> = (0..p.channels)
+            .into_par_iter()
+            .map(|c| {
+                let [gamma, beta, mean, var] = channel_params(affine, stats, c, p.channels);
+                let (scale, shift, inv_std) = scale_shift(gamma, beta, mean, var, self.eps);
+                let (scale_t, shift_t, mean_t) =
+                    (cast::<T>(scale), cast::<T>(shift), cast::<T>(mean));
+                let (mut sum_dy, mut sum_dy_xc) = (0.0, 0.0);
+                for (xs, dys) in p.of_channel(x, c).zip(p.of_channel(dy, c)) {
+                    let (mut a, mut b) = (T::zero(), T::zero());
+                    for (&x, &dy) in xs.iter().zip(dys) {
+                        let g = gated(x, dy, scale_t, shift_t);
+                        a = a + g;
+                        b = b + g * (x - mean_t);
+                    }
+                    sum_dy += a.to_f64().unwrap_or(f64::NAN);
+                    sum_dy_xc += b.to_f64().unwrap_or(f64::NAN);
+                }
+                (sum_dy, sum_dy_xc * inv_std)
+            })
+            .collect();
+        let mut out = vec![T::zero(); x.len() + 2 * p.channels];
+        let (dx, dparams) = out.split_at_mut(x.len());
+        dx.par_chunks_mut(p.plane)
+            .zip(x.par_chunks(p.plane).zip(dy.par_chunks(p.plane)))
+            .enumerate()
+            .for_each(|(i, (dx, (x, dy)))| {
+                let c = i % p.channels;
+                let [gamma, beta, mean, var] = channel_params(affine, stats, c, p.channels);
+                let (scale, shift, inv_std) = scale_shift(gamma, beta, mean, var, self.eps);
+                let (sum_dy, sum_dy_xhat) = sums[c];
+                // dx = scale·(dy' - sum_dy/M - x_hat·sum_dy_xhat/M) = a·dy' + b·x + d
+                let a = scale;
+                let b = -a * inv_std * sum_dy_xhat / m;
+                let d = -a * sum_dy / m - b * mean;
+                let (a, b, d) = (cast::<T>(a), cast::<T>(b), cast::<T>(d));
+                let (scale_t, shift_t) = (cast::<T>(scale), cast::<T>(shift));
+                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                    *dx = a * gated(x, dy, scale_t, shift_t) + b * x + d;
+                }
+            });
+        for (c, (sum_dy, sum_dy_xhat)) in sums.into_iter().enumerate() {
+            dparams[c] = cast(sum_dy_xhat);
+            dparams[p.channels + c] = cast(sum_dy);
+        }
+        out
+    }
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "genseg-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = Planes::of(l1)?;
+        let name = self.name();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(s)) => {
+                CpuStorage::F32(self.forward(
+                    contiguous(x, l1, name)?,
+                    contiguous(a, l2, name)?,
+                    contiguous(s, l3, name)?,
+                    p,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(s)) => {
+                CpuStorage::F64(self.forward(
+                    contiguous(x, l1, name)?,
+                    contiguous(a, l2, name)?,
+                    contiguous(s, l3, name)?,
+                    p,
+                ))
+            }
+            _ => bail!("{name}: runs on f32 or f64 inputs of one dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        affine: &Tensor,
+        stats: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let params = Tensor::cat(&[affine, stats], 0)?;
+        let flat = x.apply_op3_no_bwd(&grad.contiguous()?, &params, &BatchNormBackward(*self))?;
+        let n = x.elem_count();
+        let dx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
+        let daffine = flat
+            .narrow(0, n, affine.elem_count())?
+            .reshape(affine.shape())?;
+        Ok((Some(dx), Some(daffine), None))
+    }
+}
+
+/// The backward kernel of [`BatchNormTrain`]: `(x, dy, params [4, C])` -> flat
+/// `[dx, dgamma, dbeta]`.
+#[derive(Debug, Clone, Copy)]
+struct BatchNormBackward(BatchNormTrain);
+
+impl CustomOp3 for BatchNormBackward {
+    fn name(&self) -> &'static str {
+        "genseg-batch-norm-train-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = Planes::of(l1)?;
+        let name = self.name();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(dy), CpuStorage::F32(q)) => {
+                CpuStorage::F32(self.0.backward(
+                    contiguous(x, l1, name)?,
+                    contiguous(dy, l2, name)?,
+                    contiguous(q, l3, name)?,
+                    p,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(dy), CpuStorage::F64(q)) => {
+                CpuStorage::F64(self.0.backward(
+                    contiguous(x, l1, name)?,
+                    contiguous(dy, l2, name)?,
+                    contiguous(q, l3, name)?,
+                    p,
+                ))
+            }
+            _ => bail!("{name}: runs on f32 or f64 inputs of one dtype"),
+        };
+        let len = l1.shape().elem_count() + 2 * p.channels;
+        Ok((out, Shape::from(len)))
+    }
+}
