@@ -1,5 +1,6 @@
 //! End-to-end tests: they run the real `genseg` binary on small data.
 
+mod bench_cli;
 mod data_cli;
 mod generator_cli;
 mod support;

@@ -9,6 +9,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench_vs_torch;
 mod experiment;
 
 #[derive(Parser)]
@@ -70,6 +71,31 @@ enum Recipe {
         #[arg(long)]
         genseg_bin: Option<PathBuf>,
     },
+    /// One training step of the same networks in genseg and in PyTorch (installed from PyPI
+    /// into target/bench-venv; not for CI): runs `genseg bench-step` and
+    /// xtask/bench/torch_step.py alternately, prints per config the median step times, their
+    /// ratio, peak memory and GFLOP/s, and writes a markdown table.
+    BenchVsTorch {
+        /// Configs, comma-separated (default: all): unet-b64-3x256-b4, unet-b16-1x128-b8,
+        /// pix2pix-ngf64-256-b2.
+        #[arg(long, value_delimiter = ',')]
+        configs: Vec<String>,
+        /// Processes per side and config.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Timed steps per process.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Untimed steps per process before them.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Compute threads of each side (the project's machine has 2 cores).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// The markdown table.
+        #[arg(long, default_value = "target/bench-vs-torch.md")]
+        out: PathBuf,
+    },
     /// Runs `genseg data check` on every dataset folder under a directory.
     CheckDatasets {
         /// The folder holding one sub-folder per dataset.
@@ -83,6 +109,24 @@ fn main() -> Result<()> {
     match Cli::parse().recipe {
         Recipe::Demo { out } => demo(&root, &root.join(out)),
         Recipe::CheckDatasets { data } => check_datasets(&root, &root.join(data)),
+        Recipe::BenchVsTorch {
+            configs,
+            runs,
+            steps,
+            warmup,
+            threads,
+            out,
+        } => bench_vs_torch::run(
+            &root,
+            &bench_vs_torch::Plan {
+                configs,
+                runs,
+                steps,
+                warmup,
+                threads,
+                out: root.join(out),
+            },
+        ),
         Recipe::Experiment {
             data,
             n_train,

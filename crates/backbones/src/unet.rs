@@ -9,7 +9,8 @@
 //! `[skip, up]`, `DoubleConv`. A final 1x1 conv gives the logits.
 //! `DoubleConv = (Conv 3x3 p1 no-bias -> BatchNorm -> ReLU) x 2`.
 //! At base width 64, depth 4, 3 input channels, 1 output: 31,037,633
-//! parameters, like the reference.
+//! parameters, like the reference. [`UNetConfig::conv_macs`] counts the
+//! forward's convolution work from the same widths the constructor uses.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
@@ -86,6 +87,99 @@ impl UNetConfig {
     pub fn min_input_size(&self) -> usize {
         1 << self.depth
     }
+
+    /// Multiply-accumulates of the forward pass's convolutions and transposed
+    /// convolutions for one `height x width` image (BatchNorm, ReLU, pooling,
+    /// padding and concatenation are not counted). Exact for any size: pooling
+    /// floors and the decoder pads to the skip, so level `i` runs at `side >> i`.
+    pub fn conv_macs(&self, height: usize, width: usize) -> u64 {
+        let pixels = |level: usize| ((height >> level) * (width >> level)) as u64;
+        let double_conv = |w: DoubleConvWidths, level: usize| {
+            9 * pixels(level) * (w.c_in * w.c_mid + w.c_mid * w.c_out) as u64
+        };
+        let mut macs = 0;
+        for (level, widths) in self.encoder_widths().into_iter().enumerate() {
+            macs += double_conv(widths, level);
+        }
+        for (level, (c_in, c_out)) in (1..=self.depth).rev().zip(self.decoder_widths()) {
+            if self.upsampling == Upsampling::TransposedConv {
+                // 2x2 taps per input pixel of the coarser level.
+                macs += 4 * pixels(level) * (c_in * (c_in / 2)) as u64;
+            }
+            macs += double_conv(
+                Up::double_conv_widths(c_in, c_out, self.upsampling),
+                level - 1,
+            );
+        }
+        macs + pixels(0) * (self.level_width(0) * self.out_channels) as u64
+    }
+
+    fn level_width(&self, level: usize) -> usize {
+        self.base_width << level
+    }
+
+    /// The encoder's `DoubleConv`s, `inc` (level 0) first; level `i` runs at
+    /// `1 / 2^i` of the input side.
+    fn encoder_widths(&self) -> Vec<DoubleConvWidths> {
+        // Bilinear decoders halve the bottleneck (the reference's `factor`).
+        let factor = self.bottleneck_factor();
+        let mut widths = vec![DoubleConvWidths::plain(
+            self.in_channels,
+            self.level_width(0),
+        )];
+        for level in 1..=self.depth {
+            let c_out = if level == self.depth {
+                self.level_width(level) / factor
+            } else {
+                self.level_width(level)
+            };
+            widths.push(DoubleConvWidths::plain(self.level_width(level - 1), c_out));
+        }
+        widths
+    }
+
+    /// `(c_in, c_out)` of each decoder `Up`, deepest first: the one reading
+    /// level `i` writes at level `i - 1`.
+    fn decoder_widths(&self) -> Vec<(usize, usize)> {
+        let factor = self.bottleneck_factor();
+        (1..=self.depth)
+            .rev()
+            .map(|level| {
+                let c_out = if level == 1 {
+                    self.level_width(0)
+                } else {
+                    self.level_width(level - 1) / factor
+                };
+                (self.level_width(level), c_out)
+            })
+            .collect()
+    }
+
+    fn bottleneck_factor(&self) -> usize {
+        match self.upsampling {
+            Upsampling::TransposedConv => 1,
+            Upsampling::Bilinear => 2,
+        }
+    }
+}
+
+/// Channel widths of one `DoubleConv`: `c_in -> c_mid -> c_out`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DoubleConvWidths {
+    c_in: usize,
+    c_mid: usize,
+    c_out: usize,
+}
+
+impl DoubleConvWidths {
+    /// A `DoubleConv` whose middle width is its output width.
+    fn plain(c_in: usize, c_out: usize) -> Self {
+        Self {
+            c_in,
+            c_mid: c_out,
+            c_out,
+        }
+    }
 }
 
 /// `(Conv 3x3 -> BN -> ReLU) x 2`.
@@ -98,13 +192,8 @@ struct DoubleConv {
 }
 
 impl DoubleConv {
-    fn new(
-        c_in: usize,
-        c_out: usize,
-        c_mid: usize,
-        init: InitScheme,
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    fn new(widths: DoubleConvWidths, init: InitScheme, vb: VarBuilder) -> Result<Self> {
+        let DoubleConvWidths { c_in, c_mid, c_out } = widths;
         let cfg = Conv2dConfig {
             padding: 1,
             ..Default::default()
@@ -141,29 +230,41 @@ impl Up {
         init: InitScheme,
         vb: VarBuilder,
     ) -> Result<Self> {
-        match up {
+        let transposed = match up {
             Upsampling::TransposedConv => {
                 let cfg = ConvTranspose2dConfig {
                     stride: 2,
                     ..Default::default()
                 };
-                Ok(Self {
-                    transposed: Some(conv_transpose2d(
-                        c_in,
-                        c_in / 2,
-                        2,
-                        cfg,
-                        true,
-                        init,
-                        vb.pp("up"),
-                    )?),
-                    conv: DoubleConv::new(c_in, c_out, c_out, init, vb.pp("conv"))?,
-                })
+                Some(conv_transpose2d(
+                    c_in,
+                    c_in / 2,
+                    2,
+                    cfg,
+                    true,
+                    init,
+                    vb.pp("up"),
+                )?)
             }
-            Upsampling::Bilinear => Ok(Self {
-                transposed: None,
-                conv: DoubleConv::new(c_in, c_out, c_in / 2, init, vb.pp("conv"))?,
-            }),
+            Upsampling::Bilinear => None,
+        };
+        let widths = Self::double_conv_widths(c_in, c_out, up);
+        Ok(Self {
+            transposed,
+            conv: DoubleConv::new(widths, init, vb.pp("conv"))?,
+        })
+    }
+
+    /// The `DoubleConv` after the concat, which has `c_in` channels either way:
+    /// the bilinear variant narrows in the middle like the reference.
+    fn double_conv_widths(c_in: usize, c_out: usize, up: Upsampling) -> DoubleConvWidths {
+        match up {
+            Upsampling::TransposedConv => DoubleConvWidths::plain(c_in, c_out),
+            Upsampling::Bilinear => DoubleConvWidths {
+                c_in,
+                c_mid: c_in / 2,
+                c_out,
+            },
         }
     }
 
@@ -209,47 +310,33 @@ impl UNet {
     pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> anyhow::Result<Self> {
         cfg.validate()?;
         let init = cfg.init;
-        let width = |level: usize| cfg.base_width << level;
-        // Bilinear decoders halve the bottleneck (the reference's `factor`).
-        let factor = match cfg.upsampling {
-            Upsampling::TransposedConv => 1,
-            Upsampling::Bilinear => 2,
-        };
-        let inc = DoubleConv::new(cfg.in_channels, width(0), width(0), init, vb.pp("inc"))?;
-        let mut downs = Vec::with_capacity(cfg.depth);
-        for level in 1..=cfg.depth {
-            let c_out = if level == cfg.depth {
-                width(level) / factor
-            } else {
-                width(level)
-            };
-            let vb_down = vb.pp(format!("down{level}")).pp("maxpool_conv").pp("1");
-            downs.push(DoubleConv::new(
-                width(level - 1),
-                c_out,
-                c_out,
-                init,
-                vb_down,
-            )?);
-        }
-        let mut ups = Vec::with_capacity(cfg.depth);
-        for (i, level) in (1..=cfg.depth).rev().enumerate() {
-            let c_out = if level == 1 {
-                width(0)
-            } else {
-                width(level - 1) / factor
-            };
-            ups.push(Up::new(
-                width(level),
-                c_out,
-                cfg.upsampling,
-                init,
-                vb.pp(format!("up{}", i + 1)),
-            )?);
-        }
+        let mut encoder = cfg.encoder_widths().into_iter();
+        let inc_widths = encoder.next().expect("the encoder starts with inc");
+        let inc = DoubleConv::new(inc_widths, init, vb.pp("inc"))?;
+        let downs = encoder
+            .enumerate()
+            .map(|(i, widths)| {
+                let vb_down = vb.pp(format!("down{}", i + 1)).pp("maxpool_conv").pp("1");
+                DoubleConv::new(widths, init, vb_down)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ups = cfg
+            .decoder_widths()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (c_in, c_out))| {
+                Up::new(
+                    c_in,
+                    c_out,
+                    cfg.upsampling,
+                    init,
+                    vb.pp(format!("up{}", i + 1)),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         let outc_cfg = Conv2dConfig::default();
         let outc = conv2d(
-            width(0),
+            cfg.level_width(0),
             cfg.out_channels,
             1,
             outc_cfg,
@@ -344,6 +431,46 @@ mod tests {
         UNet::new(&UNetConfig::default(), store.var_builder())?;
         assert_eq!(store.num_trainable_params(), expected);
         Ok(())
+    }
+
+    #[test]
+    fn conv_macs_match_the_issue_figures_and_a_hand_count() {
+        // Training step = 3 x forward, 2 FLOP per multiply-accumulate.
+        let step_flop =
+            |cfg: &UNetConfig, side: usize, batch: u64| 6 * batch * cfg.conv_macs(side, side);
+        // UNet base 64, 3x256x256, batch 4: 1.16 TFLOP per step.
+        let paper = UNetConfig::default();
+        assert_eq!(
+            (step_flop(&paper, 256, 4) as f64 / 1e12 * 100.0).round(),
+            116.0
+        );
+        // UNet base 16, 1x128x128, batch 8: 36 GFLOP per step.
+        let cpu = UNetConfig {
+            in_channels: 1,
+            base_width: 16,
+            ..Default::default()
+        };
+        assert_eq!((step_flop(&cpu, 128, 8) as f64 / 1e9).round(), 36.0);
+
+        // Depth 1, base 2, 1 -> 1 channel, 4x4 input (level 1 is 2x2), written out:
+        // inc 9*16*(1*2 + 2*2), down1 9*4*(2*4 + 4*4), up ConvT 4*4*(4*2),
+        // up DoubleConv 9*16*(4*2 + 2*2), outc 16*2.
+        let tiny = UNetConfig {
+            in_channels: 1,
+            base_width: 2,
+            depth: 1,
+            ..Default::default()
+        };
+        let hand = 9 * 16 * 6 + 9 * 4 * 24 + 4 * 4 * 8 + 9 * 16 * 12 + 16 * 2;
+        assert_eq!(tiny.conv_macs(4, 4), hand);
+        // Bilinear: no ConvT, the bottleneck halves (down1 2 -> 2 -> 2) and the
+        // up DoubleConv narrows in the middle (4 -> 2 -> 2).
+        let bilinear = UNetConfig {
+            upsampling: Upsampling::Bilinear,
+            ..tiny
+        };
+        let hand = 9 * 16 * 6 + 9 * 4 * 8 + 9 * 16 * 12 + 16 * 2;
+        assert_eq!(bilinear.conv_macs(4, 4), hand);
     }
 
     #[test]

@@ -11,8 +11,10 @@
 //!   method and [`generate`]); [`ssim`] scores its images.
 //! - [`evaluate`] and [`predict`]: scoring and inference from a run folder.
 //! - [`run_dir`]: the run folder layout; [`plot`]: `progress.png`.
+//! - [`bench_step`]: timed training steps on random data (`genseg bench-step`).
 
 pub mod augment;
+pub mod bench_step;
 pub mod config;
 pub mod demo;
 pub mod driver;

@@ -43,6 +43,8 @@ enum Commands {
     Evaluate(commands::evaluate::EvaluateArgs),
     /// Segment new images with a trained run.
     Predict(commands::predict::PredictArgs),
+    /// Time training steps of the UNet or the generator on random data (one JSON line).
+    BenchStep(commands::bench_step::BenchStepArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -87,5 +89,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Generate(args) => commands::generate::run(args, &device),
         Commands::Evaluate(args) => commands::evaluate::run(args, &device),
         Commands::Predict(args) => commands::predict::run(args, &device),
+        Commands::BenchStep(args) => commands::bench_step::run(args, &device),
     }
 }

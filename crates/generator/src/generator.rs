@@ -137,7 +137,64 @@ impl GeneratorConfig {
     pub fn size_multiple(&self) -> anyhow::Result<usize> {
         Ok(1 << self.depth()?)
     }
+
+    /// Multiply-accumulates of the forward pass's convolutions and transposed convolutions
+    /// for one `height × width` mask (sides multiples of `2^depth`), counting the
+    /// convolutions the cells actually run: one 8×8 kernel per fused cell, three per
+    /// branch-form cell. BatchNorm, activations, dropout, concatenation and building the
+    /// fused kernels are not counted.
+    pub fn conv_macs(&self, height: usize, width: usize) -> anyhow::Result<u64> {
+        let depth = self.depth()?;
+        let taps = |searchable: bool| {
+            if searchable {
+                self.mixed_form.kernel_taps()
+            } else {
+                PLAIN_KERNEL * PLAIN_KERNEL
+            }
+        };
+        let (down_taps, up_taps) = (taps(self.searchable_down), taps(self.searchable_up));
+        Ok((0..depth)
+            .map(|level| {
+                let ch = self.level_channels(level, depth);
+                // The down conv's output grid is the up conv's input grid (side / 2^(level+1));
+                // a transposed conv's work is counted per input pixel.
+                let pixels = ((height >> (level + 1)) * (width >> (level + 1))) as u64;
+                let per_pixel =
+                    ch.down_in * ch.down_out * down_taps + ch.up_in * ch.up_out * up_taps;
+                pixels * per_pixel as u64
+            })
+            .sum())
+    }
+
+    /// The channels of level `level`'s convolutions (the module docs' table).
+    fn level_channels(&self, level: usize, depth: usize) -> LevelChannels {
+        let inner = self.ngf << level.min(3);
+        let outer = if level == 0 {
+            self.out_channels
+        } else {
+            self.ngf << (level - 1).min(3)
+        };
+        LevelChannels {
+            down_in: if level == 0 { self.in_channels } else { outer },
+            down_out: inner,
+            // Below the innermost level there is no skip to concatenate.
+            up_in: if level == depth - 1 { inner } else { 2 * inner },
+            up_out: outer,
+        }
+    }
 }
+
+/// Input and output channels of one level's down and up convolutions.
+#[derive(Debug, Clone, Copy)]
+struct LevelChannels {
+    down_in: usize,
+    down_out: usize,
+    up_in: usize,
+    up_out: usize,
+}
+
+/// Kernel side of pix2pix's plain (non-searchable) convolutions.
+const PLAIN_KERNEL: usize = 4;
 
 #[derive(Debug, Clone)]
 enum DownConv {
@@ -212,14 +269,6 @@ impl Pix2PixGenerator {
         let init = cfg.init;
         let bn = BatchNormConfig::default();
         let arch = ArchWeights::new(depth, cfg.searchable_up, cfg.searchable_down, vb.pp("arch"))?;
-        let inner = |i: usize| cfg.ngf << i.min(3);
-        let outer = |i: usize| {
-            if i == 0 {
-                cfg.out_channels
-            } else {
-                cfg.ngf << (i - 1).min(3)
-            }
-        };
         let mut blocks = Vec::with_capacity(depth);
         let mut path = vb.pp("model").pp("model");
         for level in 0..depth {
@@ -230,11 +279,7 @@ impl Pix2PixGenerator {
             }
             let outermost = level == 0;
             let innermost = level == depth - 1;
-            let input = if outermost {
-                cfg.in_channels
-            } else {
-                outer(level)
-            };
+            let ch = cfg.level_channels(level, depth);
             // Indices of the reference's nn.Sequential for this kind of block.
             let (down_idx, up_idx) = match (outermost, innermost) {
                 (true, _) => (0, 3),
@@ -245,8 +290,8 @@ impl Pix2PixGenerator {
             let down_vb = path.pp(down_idx.to_string());
             let down = match arch.conv() {
                 Some(table) => DownConv::Mixed(MixedDownConv::new(
-                    input,
-                    inner(level),
+                    ch.down_in,
+                    ch.down_out,
                     false,
                     table,
                     row,
@@ -260,24 +305,27 @@ impl Pix2PixGenerator {
                         stride: 2,
                         ..Default::default()
                     };
-                    DownConv::Plain(conv2d(input, inner(level), 4, c, false, init, down_vb)?)
+                    DownConv::Plain(conv2d(
+                        ch.down_in,
+                        ch.down_out,
+                        PLAIN_KERNEL,
+                        c,
+                        false,
+                        init,
+                        down_vb,
+                    )?)
                 }
             };
             let down_norm = if outermost || innermost {
                 None
             } else {
-                Some(BatchNorm2d::new(inner(level), bn, init, path.pp("2"))?)
-            };
-            let up_in = if innermost {
-                inner(level)
-            } else {
-                2 * inner(level)
+                Some(BatchNorm2d::new(ch.down_out, bn, init, path.pp("2"))?)
             };
             let up_vb = path.pp(up_idx.to_string());
             let up = match arch.upconv() {
                 Some(table) => UpConv::Mixed(MixedUpConv::new(
-                    up_in,
-                    outer(level),
+                    ch.up_in,
+                    ch.up_out,
                     outermost,
                     table,
                     row,
@@ -292,9 +340,9 @@ impl Pix2PixGenerator {
                         ..Default::default()
                     };
                     UpConv::Plain(conv_transpose2d(
-                        up_in,
-                        outer(level),
-                        4,
+                        ch.up_in,
+                        ch.up_out,
+                        PLAIN_KERNEL,
                         c,
                         outermost,
                         init,
@@ -306,7 +354,7 @@ impl Pix2PixGenerator {
                 None
             } else {
                 Some(BatchNorm2d::new(
-                    outer(level),
+                    ch.up_out,
                     bn,
                     init,
                     path.pp((up_idx + 1).to_string()),
@@ -590,6 +638,29 @@ mod tests {
             store.num_trainable_params(),
             formula(1, 3, 3, 7, &[16, 36, 64]) + 7 * 3
         );
+    }
+
+    #[test]
+    fn conv_macs_by_hand_for_each_cell_form() -> anyhow::Result<()> {
+        // ngf 2, 8 px (depth 3), 1 -> 1 channel, plain 4x4 convs; per level
+        // (pixels of side / 2^(level+1)) x (down in·out + up in·out) x 16 taps:
+        // level 0: 16 x (1·2 + 4·1), level 1: 4 x (2·4 + 8·2), level 2: 1 x (4·8 + 8·4).
+        let plain = GeneratorConfig {
+            searchable_up: false,
+            ..small(2, 8, 1)
+        };
+        let hand = 16 * (16 * 6 + 4 * 24 + 64);
+        assert_eq!(plain.conv_macs(8, 8)?, hand);
+        // Fused cells run one 8x8 kernel (4x the taps), branches 4² + 6² + 8² = 116 taps.
+        let up_macs = 16 * (16 * 4 + 4 * 16 + 32);
+        assert_eq!(small(2, 8, 1).conv_macs(8, 8)?, hand + 3 * up_macs);
+        let branches = GeneratorConfig {
+            mixed_form: MixedForm::Branches,
+            searchable_down: true,
+            ..small(2, 8, 1)
+        };
+        assert_eq!(branches.conv_macs(8, 8)?, hand * 116 / 16);
+        Ok(())
     }
 
     #[test]

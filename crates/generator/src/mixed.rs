@@ -88,6 +88,17 @@ pub enum MixedForm {
     Branches,
 }
 
+impl MixedForm {
+    /// Kernel taps a cell convolves with per pair of input and output channels: 8·8 fused,
+    /// 4·4 + 6·6 + 8·8 as branches (the cost of the form).
+    pub fn kernel_taps(self) -> usize {
+        match self {
+            MixedForm::Fused => FUSED_KERNEL * FUSED_KERNEL,
+            MixedForm::Branches => CANDIDATES.iter().map(|c| c.kernel * c.kernel).sum(),
+        }
+    }
+}
+
 /// The architecture weights α: `[rows, 3]` tables of logits, one row per searchable cell.
 ///
 /// They are ordinary `Var`s of the parameter store (names `<prefix>.upconv` and

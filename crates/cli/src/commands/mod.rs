@@ -1,6 +1,7 @@
 //! One module per top-level subcommand: clap arguments and the calls into the
 //! library crates that do the work.
 
+pub mod bench_step;
 pub mod data;
 pub mod demo;
 pub mod evaluate;
