@@ -49,8 +49,35 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]
     }
 }
 
-fn sum_f64<T: Float>(values: impl Iterator<Item = T>) -> f64 {
-    values.fold(0.0, |acc, v| acc + v.to_f64().unwrap_or(f64::NAN))
+/// Lanes of the per-plane partial sums: independent accumulators the compiler keeps in
+/// vector registers (a single running sum is a serial chain of scalar adds).
+const LANES: usize = 16;
+
+/// `(Σ f(a_i, b_i).0, Σ f(a_i, b_i).1)` over two equal-length slices, summed in [`LANES`]
+/// lanes of `T`, returned in f64.
+#[inline]
+fn lane_sums<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> (T, T)) -> (f64, f64) {
+    let (mut s0, mut s1) = ([T::zero(); LANES], [T::zero(); LANES]);
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (ca, cb) in ca.zip(cb) {
+        for l in 0..LANES {
+            let (u, v) = f(ca[l], cb[l]);
+            s0[l] = s0[l] + u;
+            s1[l] = s1[l] + v;
+        }
+    }
+    for (l, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+        let (u, v) = f(x, y);
+        s0[l] = s0[l] + u;
+        s1[l] = s1[l] + v;
+    }
+    let total = |s: [T; LANES]| {
+        s.iter()
+            .map(|v| v.to_f64().unwrap_or(f64::NAN))
+            .sum::<f64>()
+    };
+    (total(s0), total(s1))
 }
 
 /// Per-channel scale and shift of the normalised, affine output: `y = x·scale + shift`.
@@ -77,16 +104,19 @@ impl ChannelStats {
             .map(|c| {
                 let mean = p
                     .of_channel(x, c)
-                    .map(|plane| sum_f64(plane.iter().copied()))
+                    .map(|plane| lane_sums(plane, plane, |v, _| (v, T::zero())).0)
                     .sum::<f64>()
                     / m;
+                let mean_t = cast::<T>(mean);
+                // Centred on the f32-rounded mean: the variance is shift-invariant.
                 let var = p
                     .of_channel(x, c)
                     .map(|plane| {
-                        plane.iter().fold(0.0, |acc, v| {
-                            let d = v.to_f64().unwrap_or(f64::NAN) - mean;
-                            acc + d * d
+                        lane_sums(plane, plane, |v, _| {
+                            let d = v - mean_t;
+                            (d * d, T::zero())
                         })
+                        .0
                     })
                     .sum::<f64>()
                     / m;
@@ -194,14 +224,12 @@ impl BatchNormTrain {
                     (cast::<T>(scale), cast::<T>(shift), cast::<T>(mean));
                 let (mut sum_dy, mut sum_dy_xc) = (0.0, 0.0);
                 for (xs, dys) in p.of_channel(x, c).zip(p.of_channel(dy, c)) {
-                    let (mut a, mut b) = (T::zero(), T::zero());
-                    for (&x, &dy) in xs.iter().zip(dys) {
+                    let (a, b) = lane_sums(xs, dys, |x, dy| {
                         let g = gated(x, dy, scale_t, shift_t);
-                        a = a + g;
-                        b = b + g * (x - mean_t);
-                    }
-                    sum_dy += a.to_f64().unwrap_or(f64::NAN);
-                    sum_dy_xc += b.to_f64().unwrap_or(f64::NAN);
+                        (g, g * (x - mean_t))
+                    });
+                    sum_dy += a;
+                    sum_dy_xc += b;
                 }
                 (sum_dy, sum_dy_xc * inv_std)
             })

@@ -64,7 +64,7 @@ fn max_error(ours: &[Vec<f32>; 3], theirs: &[Vec<f32>; 3]) -> f32 {
 /// The largest relative error of our output and gradients against candle's. Where
 /// candle's own backward fails (its conv2d gradient has the wrong shape when the stride
 /// leaves input rows unread), the output is compared with candle's and the gradients are
-/// checked against finite differences instead.
+/// checked against finite differences instead (also where it panics).
 fn compare_with_candle(
     xd: [usize; 4],
     wd: [usize; 4],
@@ -74,9 +74,14 @@ fn compare_with_candle(
     let x = uniform(1, &xd, 1.0)?.to_dtype(DType::F32)?;
     let w = uniform(2, &wd, 0.5)?.to_dtype(DType::F32)?;
     let ours = value_and_grads(&x, &w, settings, transposed, true)?;
-    match value_and_grads(&x, &w, settings, transposed, false) {
-        Ok(theirs) => Ok(max_error(&ours, &theirs)),
-        Err(_) => {
+    // candle's backward errors on some of these shapes and panics (capacity overflow) on
+    // others; either way it gives no reference.
+    let theirs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        value_and_grads(&x, &w, settings, transposed, false)
+    }));
+    match theirs {
+        Ok(Ok(theirs)) => Ok(max_error(&ours, &theirs)),
+        _ => {
             let y = apply(&x, &w, settings, transposed, false)?
                 .flatten_all()?
                 .to_vec1::<f32>()?;
