@@ -17,6 +17,7 @@
 //! [`OptimizerState::save`] puts into the safetensors metadata.
 
 mod adam;
+mod adam_kernel;
 mod rmsprop;
 mod sgd;
 

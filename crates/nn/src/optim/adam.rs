@@ -4,6 +4,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use super::adam_kernel;
 use super::{
     Optimizer, OptimizerState, check_finite_non_negative, check_vars, deep_copy, gradient,
     load_slots,
@@ -49,6 +50,9 @@ impl Default for AdamConfig {
 struct Moments {
     exp_avg: Option<Tensor>,
     exp_avg_sq: Option<Tensor>,
+    /// `[2, n]`: `exp_avg` and `exp_avg_sq` flat in one buffer (they are views of it), as
+    /// the fused CPU update reads and writes them; `None` until that update first runs.
+    packed: Option<Tensor>,
     /// Steps this var took: bias correction is per parameter, as in PyTorch.
     steps: u64,
 }
@@ -136,6 +140,53 @@ impl Adam {
     }
 }
 
+/// One Adam step of `var` on the CPU with the fused kernels ([`adam_kernel`]): the same
+/// update as the composed path, in two passes.
+fn fused_step(
+    c: &AdamConfig,
+    var: &Var,
+    g: &Tensor,
+    state: &Moments,
+    steps: u64,
+) -> Result<Moments> {
+    let shape = var.shape().clone();
+    let w = var.as_tensor().detach().flatten_all()?;
+    let g = g.to_dtype(var.dtype())?.flatten_all()?.contiguous()?;
+    let previous = match (&state.packed, &state.exp_avg, &state.exp_avg_sq) {
+        (Some(packed), _, _) => Some(packed.clone()),
+        (None, Some(m), Some(v)) => Some(Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?),
+        _ => None,
+    };
+    let moments = adam_kernel::MomentsUpdate {
+        beta1: c.beta1,
+        beta2: c.beta2,
+        l2: if c.decoupled_weight_decay {
+            0.0
+        } else {
+            c.weight_decay
+        },
+        first: previous.is_none(),
+    };
+    let packed = g.apply_op3_no_bwd(&w, previous.as_ref().unwrap_or(&g), &moments)?;
+    let weights = adam_kernel::WeightUpdate {
+        decay: if c.decoupled_weight_decay {
+            1.0 - c.lr * c.weight_decay
+        } else {
+            1.0
+        },
+        step_size: c.lr / (1.0 - c.beta1.powf(steps as f64)),
+        bias_correction2_sqrt: (1.0 - c.beta2.powf(steps as f64)).sqrt(),
+        eps: c.eps,
+    };
+    var.set(&w.apply_op2_no_bwd(&packed, &weights)?.reshape(&shape)?)?;
+    Ok(Moments {
+        exp_avg: Some(packed.get(0)?.reshape(&shape)?),
+        exp_avg_sq: Some(packed.get(1)?.reshape(&shape)?),
+        packed: Some(packed),
+        steps,
+    })
+}
+
 impl Optimizer for Adam {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step += 1;
@@ -144,6 +195,11 @@ impl Optimizer for Adam {
             let Some(mut g) = gradient(grads, name, var)? else {
                 continue;
             };
+            if var.device().is_cpu() && matches!(var.dtype(), DType::F32 | DType::F64) {
+                let state = &self.moments[i];
+                self.moments[i] = fused_step(&c, var, &g, state, state.steps + 1)?;
+                continue;
+            }
             let mut w = var.as_tensor().detach();
             if c.weight_decay != 0.0 {
                 if c.decoupled_weight_decay {
@@ -170,6 +226,7 @@ impl Optimizer for Adam {
             self.moments[i] = Moments {
                 exp_avg: Some(m),
                 exp_avg_sq: Some(v),
+                packed: None,
                 steps,
             };
         }
@@ -227,6 +284,7 @@ impl Optimizer for Adam {
                     Moments {
                         exp_avg: Some(exp_avg),
                         exp_avg_sq: Some(exp_avg_sq),
+                        packed: None,
                         steps,
                     }
                 }
