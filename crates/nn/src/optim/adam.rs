@@ -50,8 +50,8 @@ impl Default for AdamConfig {
 struct Moments {
     exp_avg: Option<Tensor>,
     exp_avg_sq: Option<Tensor>,
-    /// `[2, n]`: `exp_avg` and `exp_avg_sq` flat in one buffer (they are views of it), as
-    /// the fused CPU update reads and writes them; `None` until that update first runs.
+    /// `[2, n]`: `exp_avg` and `exp_avg_sq` flat in one buffer (they are views of it),
+    /// which the CPU update changes in place; `None` until that update first runs.
     packed: Option<Tensor>,
     /// Steps this var took: bias correction is per parameter, as in PyTorch.
     steps: u64,
@@ -102,17 +102,19 @@ impl Adam {
         self.vars.iter().position(|(n, _)| n == name)
     }
 
-    /// First moment `m` of var `name`; `None` before its first step. Moments are replaced,
-    /// never mutated, so the returned tensor stays valid as a snapshot.
+    /// A copy of the first moment `m` of var `name`; `None` before its first step. (The
+    /// CPU update works in place, so the optimizer's own tensor changes every step.)
     pub fn exp_avg(&self, name: &str) -> Option<Tensor> {
         self.index(name)
-            .and_then(|i| self.moments[i].exp_avg.clone())
+            .and_then(|i| self.moments[i].exp_avg.as_ref().map(deep_copy))
+            .and_then(Result::ok)
     }
 
-    /// Second moment `v` of var `name`; `None` before its first step.
+    /// A copy of the second moment `v` of var `name`; `None` before its first step.
     pub fn exp_avg_sq(&self, name: &str) -> Option<Tensor> {
         self.index(name)
-            .and_then(|i| self.moments[i].exp_avg_sq.clone())
+            .and_then(|i| self.moments[i].exp_avg_sq.as_ref().map(deep_copy))
+            .and_then(Result::ok)
     }
 
     /// How many steps var `name` has taken (its bias-correction `t`); `None` for an unknown name.
@@ -140,8 +142,8 @@ impl Adam {
     }
 }
 
-/// One Adam step of `var` on the CPU with the fused kernels ([`adam_kernel`]): the same
-/// update as the composed path, in two passes.
+/// One Adam step of `var` on the CPU with the in-place kernels ([`adam_kernel`]): the
+/// same update as the composed path, in two passes over the moments and the weights.
 fn fused_step(
     c: &AdamConfig,
     var: &Var,
@@ -150,12 +152,13 @@ fn fused_step(
     steps: u64,
 ) -> Result<Moments> {
     let shape = var.shape().clone();
-    let w = var.as_tensor().detach().flatten_all()?;
+    let n = shape.elem_count();
+    let w = var.as_tensor().flatten_all()?;
     let g = g.to_dtype(var.dtype())?.flatten_all()?.contiguous()?;
-    let previous = match (&state.packed, &state.exp_avg, &state.exp_avg_sq) {
-        (Some(packed), _, _) => Some(packed.clone()),
-        (None, Some(m), Some(v)) => Some(Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?),
-        _ => None,
+    let packed = match (&state.packed, &state.exp_avg, &state.exp_avg_sq) {
+        (Some(packed), _, _) => packed.clone(),
+        (None, Some(m), Some(v)) => Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?,
+        _ => Tensor::zeros((2, n), var.dtype(), var.device())?,
     };
     let moments = adam_kernel::MomentsUpdate {
         beta1: c.beta1,
@@ -165,9 +168,8 @@ fn fused_step(
         } else {
             c.weight_decay
         },
-        first: previous.is_none(),
     };
-    let packed = g.apply_op3_no_bwd(&w, previous.as_ref().unwrap_or(&g), &moments)?;
+    packed.inplace_op3(&g, &w, &moments)?;
     let weights = adam_kernel::WeightUpdate {
         decay: if c.decoupled_weight_decay {
             1.0 - c.lr * c.weight_decay
@@ -178,7 +180,7 @@ fn fused_step(
         bias_correction2_sqrt: (1.0 - c.beta2.powf(steps as f64)).sqrt(),
         eps: c.eps,
     };
-    var.set(&w.apply_op2_no_bwd(&packed, &weights)?.reshape(&shape)?)?;
+    w.inplace_op2(&packed, &weights)?;
     Ok(Moments {
         exp_avg: Some(packed.get(0)?.reshape(&shape)?),
         exp_avg_sq: Some(packed.get(1)?.reshape(&shape)?),
