@@ -186,9 +186,16 @@ impl BatchNormTrain {
                     channel_params(affine, stats, i % p.channels, p.channels);
                 let (scale, shift, _) = scale_shift(gamma, beta, mean, var, self.eps);
                 let (scale, shift) = (cast::<T>(scale), cast::<T>(shift));
-                for (y, &x) in y.iter_mut().zip(x) {
-                    let v = x * scale + shift;
-                    *y = if self.relu { v.max(T::zero()) } else { v };
+                // Two loops, so each vectorises without a branch inside.
+                if self.relu {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        let v = x * scale + shift;
+                        *y = if v > T::zero() { v } else { T::zero() };
+                    }
+                } else {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = x * scale + shift;
+                    }
                 }
             });
         y
