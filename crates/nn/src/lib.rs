@@ -55,3 +55,4 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod rng;
+mod storage;

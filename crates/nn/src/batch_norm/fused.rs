@@ -11,6 +11,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use num_traits::Float;
 use rayon::prelude::*;
 
+use crate::storage::contiguous;
+
 /// `[N, C, H, W]` seen as `N·C` contiguous planes of `H·W`.
 #[derive(Debug, Clone, Copy)]
 struct Planes {
@@ -39,13 +41,6 @@ impl Planes {
         (c..self.count)
             .step_by(self.channels)
             .map(move |i| &data[i * self.plane..(i + 1) * self.plane])
-    }
-}
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: inputs must be contiguous"),
     }
 }
 

@@ -13,6 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, bail};
 pub use candle_nn::{Conv2dConfig, ConvTranspose2dConfig};
 
+use crate::storage::contiguous;
 use geometry::ConvGeometry;
 use kernels::Real;
 
@@ -60,16 +61,6 @@ impl ConvOp {
     }
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!(
-            "conv kernel: {what} must be contiguous, got strides {:?}",
-            layout.stride()
-        ),
-    }
-}
-
 impl CustomOp2 for ConvOp {
     fn name(&self) -> &'static str {
         match self.pass {
@@ -88,12 +79,14 @@ impl CustomOp2 for ConvOp {
     ) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from(self.output_dims().to_vec());
         let out = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.run(contiguous(a, l1, "lhs")?, contiguous(b, l2, "rhs")?))
-            }
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-                CpuStorage::F64(self.run(contiguous(a, l1, "lhs")?, contiguous(b, l2, "rhs")?))
-            }
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(self.run(
+                contiguous(a, l1, self.name())?,
+                contiguous(b, l2, self.name())?,
+            )),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(self.run(
+                contiguous(a, l1, self.name())?,
+                contiguous(b, l2, self.name())?,
+            )),
             (a, b) => bail!(
                 "{}: runs on f32 or f64 pairs, got {:?} and {:?}",
                 self.name(),

@@ -6,26 +6,14 @@
 //! moments (`[2, n]`, one buffer) and then the weights are updated where they are.
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, bail};
+
+use crate::storage::{contiguous, contiguous_mut};
 use num_traits::Float;
 use rayon::prelude::*;
 
 /// Elements per parallel chunk: large enough to amortise scheduling, small enough to
 /// share a parameter between both threads.
 const CHUNK: usize = 1 << 16;
-
-fn slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{op}: inputs must be contiguous"),
-    }
-}
-
-fn slice_mut<'a, T>(data: &'a mut [T], layout: &Layout, op: &str) -> Result<&'a mut [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&mut data[start..end]),
-        None => bail!("{op}: the updated tensor must be contiguous"),
-    }
-}
 
 fn cast<T: Float>(v: f64) -> T {
     T::from(v).unwrap_or_else(T::nan)
@@ -88,14 +76,14 @@ impl InplaceOp3 for MomentsUpdate {
         let name = self.name();
         match (s1, s2, s3) {
             (CpuStorage::F32(m), CpuStorage::F32(g), CpuStorage::F32(w)) => self.run(
-                slice_mut(m, l1, name)?,
-                slice(g, l2, name)?,
-                slice(w, l3, name)?,
+                contiguous_mut(m, l1, name)?,
+                contiguous(g, l2, name)?,
+                contiguous(w, l3, name)?,
             ),
             (CpuStorage::F64(m), CpuStorage::F64(g), CpuStorage::F64(w)) => self.run(
-                slice_mut(m, l1, name)?,
-                slice(g, l2, name)?,
-                slice(w, l3, name)?,
+                contiguous_mut(m, l1, name)?,
+                contiguous(g, l2, name)?,
+                contiguous(w, l3, name)?,
             ),
             _ => bail!("{name}: runs on f32 or f64 inputs of one dtype"),
         }
@@ -148,10 +136,10 @@ impl InplaceOp2 for WeightUpdate {
         let name = self.name();
         match (s1, s2) {
             (CpuStorage::F32(w), CpuStorage::F32(m)) => {
-                self.run(slice_mut(w, l1, name)?, slice(m, l2, name)?)
+                self.run(contiguous_mut(w, l1, name)?, contiguous(m, l2, name)?)
             }
             (CpuStorage::F64(w), CpuStorage::F64(m)) => {
-                self.run(slice_mut(w, l1, name)?, slice(m, l2, name)?)
+                self.run(contiguous_mut(w, l1, name)?, contiguous(m, l2, name)?)
             }
             _ => bail!("{name}: runs on f32 or f64 inputs of one dtype"),
         }
