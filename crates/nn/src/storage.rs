@@ -1,9 +1,127 @@
-//! The slice of a candle CPU storage that a custom op's kernel reads or writes.
+//! What the CPU custom ops share: the contiguous slice of a candle storage, and the one
+//! dispatch from candle's dtype-tagged storages to kernels written once for f32 and f64.
 
-use candle_core::{Layout, Result, bail};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result, WithDType, bail};
+
+use crate::conv::Real;
+
+/// The element types the CPU kernels run on (f32 and f64).
+pub(crate) trait Element: num_traits::Float + WithDType + Real {
+    /// The storage's elements, if it holds this type.
+    fn storage_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+impl Element for f32 {
+    fn storage_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+        match storage {
+            CpuStorage::F32(data) => Some(data),
+            _ => None,
+        }
+    }
+}
+
+impl Element for f64 {
+    fn storage_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+        match storage {
+            CpuStorage::F64(data) => Some(data),
+            _ => None,
+        }
+    }
+}
+
+/// A kernel from `N` contiguous inputs to a new buffer.
+pub(crate) trait Kernel<const N: usize> {
+    fn run<T: Element>(&self, inputs: [&[T]; N], layouts: [&Layout; N]) -> Result<Vec<T>>;
+}
+
+/// A kernel that updates its target in place from `N` contiguous inputs.
+pub(crate) trait InplaceKernel<const N: usize> {
+    fn run<T: Element>(&self, target: &mut [T], inputs: [&[T]; N]);
+}
+
+/// Runs `kernel` on `inputs` (all f32 or all f64, contiguous), or errors naming `op`.
+pub(crate) fn run_kernel<const N: usize, K: Kernel<N>>(
+    kernel: &K,
+    op: &str,
+    inputs: [(&CpuStorage, &Layout); N],
+) -> Result<CpuStorage> {
+    let layouts = inputs.map(|(_, l)| l);
+    match dtype_of(op, &inputs, None)? {
+        DType::F32 => Ok(f32::to_cpu_storage_owned(
+            kernel.run(slices(op, &inputs)?, layouts)?,
+        )),
+        _ => Ok(f64::to_cpu_storage_owned(
+            kernel.run(slices(op, &inputs)?, layouts)?,
+        )),
+    }
+}
+
+/// Runs `kernel` on `target` (updated in place) and `inputs`, all f32 or all f64 and
+/// contiguous, or errors naming `op`.
+pub(crate) fn run_inplace_kernel<const N: usize, K: InplaceKernel<N>>(
+    kernel: &K,
+    op: &str,
+    target: (&mut CpuStorage, &Layout),
+    inputs: [(&CpuStorage, &Layout); N],
+) -> Result<()> {
+    let (storage, layout) = target;
+    match dtype_of(op, &inputs, Some(storage.dtype()))? {
+        DType::F32 => kernel.run(
+            target_slice::<f32>(op, storage, layout)?,
+            slices(op, &inputs)?,
+        ),
+        _ => kernel.run(
+            target_slice::<f64>(op, storage, layout)?,
+            slices(op, &inputs)?,
+        ),
+    }
+    Ok(())
+}
+
+/// The one dtype (f32 or f64) of the target and inputs, or an error naming `op`.
+fn dtype_of(op: &str, inputs: &[(&CpuStorage, &Layout)], target: Option<DType>) -> Result<DType> {
+    let dtypes: Vec<DType> = target
+        .into_iter()
+        .chain(inputs.iter().map(|(s, _)| s.dtype()))
+        .collect();
+    match dtypes.first() {
+        Some(&d @ (DType::F32 | DType::F64)) if dtypes.iter().all(|&x| x == d) => Ok(d),
+        _ => bail!("{op}: runs on f32 or f64 inputs of one dtype, got {dtypes:?}"),
+    }
+}
+
+fn slices<'a, T: Element, const N: usize>(
+    op: &str,
+    inputs: &[(&'a CpuStorage, &Layout); N],
+) -> Result<[&'a [T]; N]> {
+    let mut out: [&[T]; N] = [&[]; N];
+    for (slot, (storage, layout)) in out.iter_mut().zip(inputs) {
+        *slot = contiguous(T::cpu_storage_as_slice(storage)?, layout, op)?;
+    }
+    Ok(out)
+}
+
+fn target_slice<'a, T: Element>(
+    op: &str,
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> Result<&'a mut [T]> {
+    let dtype = storage.dtype();
+    let Some(data) = T::storage_mut(storage) else {
+        bail!("{op}: target holds {dtype:?}, expected {:?}", T::DTYPE);
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut data[start..end]),
+        None => bail!(
+            "{op}: the updated tensor must be contiguous, got strides {:?}",
+            layout.stride()
+        ),
+    }
+}
 
 /// The elements of a contiguous tensor, or an error naming `op`.
-pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!(
@@ -13,17 +131,42 @@ pub(crate) fn contiguous<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Res
     }
 }
 
-/// [`contiguous`] for the tensor an in-place op updates.
-pub(crate) fn contiguous_mut<'a, T>(
-    data: &'a mut [T],
-    layout: &Layout,
-    op: &str,
-) -> Result<&'a mut [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&mut data[start..end]),
-        None => bail!(
-            "{op}: the updated tensor must be contiguous, got strides {:?}",
-            layout.stride()
-        ),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    struct Sum;
+    impl Kernel<2> for Sum {
+        fn run<T: Element>(&self, [a, b]: [&[T]; 2], _: [&Layout; 2]) -> Result<Vec<T>> {
+            Ok(a.iter().zip(b).map(|(&x, &y)| x + y).collect())
+        }
+    }
+
+    fn storage(t: &Tensor) -> (CpuStorage, Layout) {
+        let (s, l) = t.storage_and_layout();
+        match &*s {
+            candle_core::Storage::Cpu(c) => (c.clone(), l.clone()),
+            _ => unreachable!("CPU test tensors"),
+        }
+    }
+
+    #[test]
+    fn dispatches_on_the_dtype_and_names_the_op_in_errors() -> Result<()> {
+        let a = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+        let (sa, la) = storage(&a);
+        let out = run_kernel(&Sum, "sum", [(&sa, &la), (&sa, &la)])?;
+        assert_eq!(out.as_slice::<f32>()?, &[2.0, 4.0]);
+
+        let b = Tensor::new(&[1f64, 2.0], &Device::Cpu)?;
+        let (sb, lb) = storage(&b);
+        let err = run_kernel(&Sum, "sum", [(&sa, &la), (&sb, &lb)]).unwrap_err();
+        assert!(err.to_string().contains("sum: runs on f32 or f64"), "{err}");
+
+        let t = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu)?.t()?;
+        let (st, lt) = storage(&t);
+        let err = run_kernel(&Sum, "sum", [(&st, &lt), (&st, &lt)]).unwrap_err();
+        assert!(err.to_string().contains("must be contiguous"), "{err}");
+        Ok(())
     }
 }

@@ -7,11 +7,11 @@
 //! Here each pass is parallel over channels (statistics, gradient sums) or contiguous
 //! `H·W` planes (output, input gradient), with per-channel sums in f64.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::storage::contiguous;
+use crate::storage::{Element, Kernel, run_kernel};
 
 /// `[N, C, H, W]` seen as `N·C` contiguous planes of `H·W`.
 #[derive(Debug, Clone, Copy)]
@@ -92,7 +92,7 @@ fn cast<T: Float>(v: f64) -> T {
 pub(super) struct ChannelStats;
 
 impl ChannelStats {
-    fn run<T: Float + Send + Sync>(x: &[T], p: Planes) -> Vec<T> {
+    fn stats<T: Float + Send + Sync>(x: &[T], p: Planes) -> Vec<T> {
         let m = p.per_channel() as f64;
         let stats: Vec<(f64, f64)> = (0..p.channels)
             .into_par_iter()
@@ -132,13 +132,14 @@ impl CustomOp1 for ChannelStats {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let p = Planes::of(l)?;
-        let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(Self::run(contiguous(x, l, self.name())?, p)),
-            CpuStorage::F64(x) => CpuStorage::F64(Self::run(contiguous(x, l, self.name())?, p)),
-            _ => bail!("{}: runs on f32 or f64", self.name()),
-        };
-        Ok((out, Shape::from((2, p.channels))))
+        let out = run_kernel(self, self.name(), [(s, l)])?;
+        Ok((out, Shape::from((2, Planes::of(l)?.channels))))
+    }
+}
+
+impl Kernel<1> for ChannelStats {
+    fn run<T: Element>(&self, [x]: [&[T]; 1], [l]: [&Layout; 1]) -> Result<Vec<T>> {
+        Ok(Self::stats(x, Planes::of(l)?))
     }
 }
 
@@ -278,27 +279,7 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let p = Planes::of(l1)?;
-        let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(s)) => {
-                CpuStorage::F32(self.forward(
-                    contiguous(x, l1, name)?,
-                    contiguous(a, l2, name)?,
-                    contiguous(s, l3, name)?,
-                    p,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(s)) => {
-                CpuStorage::F64(self.forward(
-                    contiguous(x, l1, name)?,
-                    contiguous(a, l2, name)?,
-                    contiguous(s, l3, name)?,
-                    p,
-                ))
-            }
-            _ => bail!("{name}: runs on f32 or f64 inputs of one dtype"),
-        };
+        let out = run_kernel(self, self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -321,6 +302,12 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
+impl Kernel<3> for BatchNormTrain {
+    fn run<T: Element>(&self, [x, a, s]: [&[T]; 3], [l, _, _]: [&Layout; 3]) -> Result<Vec<T>> {
+        Ok(self.forward(x, a, s, Planes::of(l)?))
+    }
+}
+
 /// The backward kernel of [`BatchNormTrain`]: `(x, dy, params [4, C])` -> flat
 /// `[dx, dgamma, dbeta]`.
 #[derive(Debug, Clone, Copy)]
@@ -340,28 +327,15 @@ impl CustomOp3 for BatchNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let out = run_kernel(self, self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
         let p = Planes::of(l1)?;
-        let name = self.name();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(dy), CpuStorage::F32(q)) => {
-                CpuStorage::F32(self.0.backward(
-                    contiguous(x, l1, name)?,
-                    contiguous(dy, l2, name)?,
-                    contiguous(q, l3, name)?,
-                    p,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(dy), CpuStorage::F64(q)) => {
-                CpuStorage::F64(self.0.backward(
-                    contiguous(x, l1, name)?,
-                    contiguous(dy, l2, name)?,
-                    contiguous(q, l3, name)?,
-                    p,
-                ))
-            }
-            _ => bail!("{name}: runs on f32 or f64 inputs of one dtype"),
-        };
         let len = l1.shape().elem_count() + 2 * p.channels;
         Ok((out, Shape::from(len)))
+    }
+}
+
+impl Kernel<3> for BatchNormBackward {
+    fn run<T: Element>(&self, [x, dy, q]: [&[T]; 3], [l, _, _]: [&Layout; 3]) -> Result<Vec<T>> {
+        Ok(self.0.backward(x, dy, q, Planes::of(l)?))
     }
 }

@@ -9,13 +9,12 @@
 mod geometry;
 mod kernels;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, bail};
 pub use candle_nn::{Conv2dConfig, ConvTranspose2dConfig};
 
-use crate::storage::contiguous;
+use crate::storage::{Element, Kernel, run_kernel};
 use geometry::ConvGeometry;
-use kernels::Real;
+pub(crate) use kernels::Real;
 
 /// Which of the three passes of one convolution a custom op computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,16 +36,18 @@ struct ConvOp {
     pass: Pass,
 }
 
-impl ConvOp {
-    fn run<T: Real>(&self, a: &[T], b: &[T]) -> Vec<T> {
+impl Kernel<2> for ConvOp {
+    fn run<T: Element>(&self, [a, b]: [&[T]; 2], _: [&Layout; 2]) -> Result<Vec<T>> {
         let g = &self.geometry;
-        match self.pass {
+        Ok(match self.pass {
             Pass::Forward => kernels::forward(g, a, b),
             Pass::InputGradient => kernels::input_gradient(g, a, b),
             Pass::WeightGradient => kernels::weight_gradient(g, a, b),
-        }
+        })
     }
+}
 
+impl ConvOp {
     fn output_dims(&self) -> [usize; 4] {
         let g = &self.geometry;
         match self.pass {
@@ -78,22 +79,7 @@ impl CustomOp2 for ConvOp {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = Shape::from(self.output_dims().to_vec());
-        let out = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(self.run(
-                contiguous(a, l1, self.name())?,
-                contiguous(b, l2, self.name())?,
-            )),
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(self.run(
-                contiguous(a, l1, self.name())?,
-                contiguous(b, l2, self.name())?,
-            )),
-            (a, b) => bail!(
-                "{}: runs on f32 or f64 pairs, got {:?} and {:?}",
-                self.name(),
-                a.dtype(),
-                b.dtype()
-            ),
-        };
+        let out = run_kernel(self, self.name(), [(s1, l1), (s2, l2)])?;
         Ok((out, shape))
     }
 

@@ -5,9 +5,9 @@
 //! gigabytes of page faults per step, and old and new moments alive together. Here the
 //! moments (`[2, n]`, one buffer) and then the weights are updated where they are.
 
-use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, bail};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
 
-use crate::storage::{contiguous, contiguous_mut};
+use crate::storage::{Element, InplaceKernel, run_inplace_kernel};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -30,8 +30,8 @@ pub(super) struct MomentsUpdate {
     pub l2: f64,
 }
 
-impl MomentsUpdate {
-    fn run<T: Float + Send + Sync>(&self, moments: &mut [T], g: &[T], w: &[T]) {
+impl InplaceKernel<2> for MomentsUpdate {
+    fn run<T: Element>(&self, moments: &mut [T], [g, w]: [&[T]; 2]) {
         let n = g.len();
         let (b1, b2, l2) = (
             cast::<T>(self.beta1),
@@ -73,21 +73,7 @@ impl InplaceOp3 for MomentsUpdate {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let name = self.name();
-        match (s1, s2, s3) {
-            (CpuStorage::F32(m), CpuStorage::F32(g), CpuStorage::F32(w)) => self.run(
-                contiguous_mut(m, l1, name)?,
-                contiguous(g, l2, name)?,
-                contiguous(w, l3, name)?,
-            ),
-            (CpuStorage::F64(m), CpuStorage::F64(g), CpuStorage::F64(w)) => self.run(
-                contiguous_mut(m, l1, name)?,
-                contiguous(g, l2, name)?,
-                contiguous(w, l3, name)?,
-            ),
-            _ => bail!("{name}: runs on f32 or f64 inputs of one dtype"),
-        }
-        Ok(())
+        run_inplace_kernel(self, self.name(), (s1, l1), [(s2, l2), (s3, l3)])
     }
 }
 
@@ -104,8 +90,8 @@ pub(super) struct WeightUpdate {
     pub eps: f64,
 }
 
-impl WeightUpdate {
-    fn run<T: Float + Send + Sync>(&self, w: &mut [T], moments: &[T]) {
+impl InplaceKernel<1> for WeightUpdate {
+    fn run<T: Element>(&self, w: &mut [T], [moments]: [&[T]; 1]) {
         let (m, v) = moments.split_at(w.len());
         let decay = cast::<T>(self.decay);
         let step = cast::<T>(self.step_size);
@@ -133,16 +119,6 @@ impl InplaceOp2 for WeightUpdate {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<()> {
-        let name = self.name();
-        match (s1, s2) {
-            (CpuStorage::F32(w), CpuStorage::F32(m)) => {
-                self.run(contiguous_mut(w, l1, name)?, contiguous(m, l2, name)?)
-            }
-            (CpuStorage::F64(w), CpuStorage::F64(m)) => {
-                self.run(contiguous_mut(w, l1, name)?, contiguous(m, l2, name)?)
-            }
-            _ => bail!("{name}: runs on f32 or f64 inputs of one dtype"),
-        }
-        Ok(())
+        run_inplace_kernel(self, self.name(), (s1, l1), [(s2, l2)])
     }
 }
