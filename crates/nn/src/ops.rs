@@ -12,10 +12,12 @@
 //! | `Tensor::upsample_bilinear2d` | backward errors | [`resize_bilinear`] |
 //! | `Tensor::max_pool2d_with_stride` (kernel != stride) | backward errors | [`max_pool2d`] |
 //! | (none) | reflection padding | [`reflection_pad2d`], [`replication_pad2d`] |
+//! | `pad_with_zeros` + `broadcast_mul` + add | keeps ~8 padded kernel copies alive | [`weighted_centred_sum`] |
 //!
 //! All ops follow PyTorch semantics (the GenSeg reference code is PyTorch), so
 //! hyperparameters and shapes carry over unchanged.
 
+mod centred_sum;
 mod loss;
 mod norm;
 mod pad;
@@ -23,6 +25,7 @@ mod pool;
 mod resize;
 mod softmax;
 
+pub use centred_sum::weighted_centred_sum;
 pub use loss::{bce_with_logits, bce_with_logits_per_element, bce_with_logits_sum};
 pub use norm::{LayerNorm, layer_norm};
 pub use pad::{reflection_pad2d, replication_pad2d};
