@@ -46,6 +46,7 @@
 //! ```
 
 pub mod batch_norm;
+pub mod channels;
 pub mod checkpoint;
 pub mod conv;
 pub mod device;

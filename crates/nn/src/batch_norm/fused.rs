@@ -11,69 +11,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tenso
 use num_traits::Float;
 use rayon::prelude::*;
 
+use crate::channels::{Planes, lane_sums};
 use crate::storage::{Element, Kernel, run_kernel};
-
-/// `[N, C, H, W]` seen as `N·C` contiguous planes of `H·W`.
-#[derive(Debug, Clone, Copy)]
-struct Planes {
-    channels: usize,
-    plane: usize,
-    count: usize,
-}
-
-impl Planes {
-    fn of(layout: &Layout) -> Result<Self> {
-        let (n, c, h, w) = layout.shape().dims4()?;
-        Ok(Self {
-            channels: c,
-            plane: h * w,
-            count: n * c,
-        })
-    }
-
-    /// Values per channel (`N·H·W`).
-    fn per_channel(&self) -> usize {
-        self.count / self.channels * self.plane
-    }
-
-    /// The planes of channel `c`.
-    fn of_channel<'a, T>(&self, data: &'a [T], c: usize) -> impl Iterator<Item = &'a [T]> {
-        (c..self.count)
-            .step_by(self.channels)
-            .map(move |i| &data[i * self.plane..(i + 1) * self.plane])
-    }
-}
-
-/// Lanes of the per-plane partial sums: independent accumulators the compiler keeps in
-/// vector registers (a single running sum is a serial chain of scalar adds).
-const LANES: usize = 16;
-
-/// `(Σ f(a_i, b_i).0, Σ f(a_i, b_i).1)` over two equal-length slices, summed in [`LANES`]
-/// lanes of `T`, returned in f64.
-#[inline]
-fn lane_sums<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> (T, T)) -> (f64, f64) {
-    let (mut s0, mut s1) = ([T::zero(); LANES], [T::zero(); LANES]);
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (ca, cb) in ca.zip(cb) {
-        for l in 0..LANES {
-            let (u, v) = f(ca[l], cb[l]);
-            s0[l] = s0[l] + u;
-            s1[l] = s1[l] + v;
-        }
-    }
-    for (l, (&x, &y)) in ra.iter().zip(rb).enumerate() {
-        let (u, v) = f(x, y);
-        s0[l] = s0[l] + u;
-        s1[l] = s1[l] + v;
-    }
-    let total = |s: [T; LANES]| {
-        s.iter()
-            .map(|v| v.to_f64().unwrap_or(f64::NAN))
-            .sum::<f64>()
-    };
-    (total(s0), total(s1))
-}
 
 /// Per-channel scale and shift of the normalised, affine output: `y = x·scale + shift`.
 fn scale_shift(gamma: f64, beta: f64, mean: f64, var: f64, eps: f64) -> (f64, f64, f64) {
@@ -206,17 +145,33 @@ impl BatchNormTrain {
         params: &[T],
         p: Planes,
     ) -> Vec<T> {
+        // One monomorphised copy per case, so that the loops hold no branch on `relu`; with
+        // ReLU the gradient passes where the recomputed output is positive (a select, which
+        // vectorises; a branch mispredicts on half the elements).
+        if self.relu {
+            self.backward_gated(x, dy, params, p, |x, dy, scale, shift| {
+                if x * scale + shift > T::zero() {
+                    dy
+                } else {
+                    T::zero()
+                }
+            })
+        } else {
+            self.backward_gated(x, dy, params, p, |_, dy, _, _| dy)
+        }
+    }
+
+    /// [`Self::backward`] with the upstream gradient gated by `gated(x, dy, scale, shift)`.
+    fn backward_gated<T: Float + Send + Sync>(
+        &self,
+        x: &[T],
+        dy: &[T],
+        params: &[T],
+        p: Planes,
+        gated: impl Fn(T, T, T, T) -> T + Sync,
+    ) -> Vec<T> {
         let (affine, stats) = params.split_at(2 * p.channels);
         let m = p.per_channel() as f64;
-        let relu = self.relu;
-        // With ReLU, the gradient passes where the recomputed output is positive.
-        let gated = |x: T, dy: T, scale: T, shift: T| {
-            if relu && x * scale + shift <= T::zero() {
-                T::zero()
-            } else {
-                dy
-            }
-        };
         // Per channel: sum(dy') and sum(dy' · x_hat).
         let sums: Vec<(f64, f64)> = (0..p.channels)
             .into_par_iter()

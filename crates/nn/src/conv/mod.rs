@@ -180,7 +180,7 @@ pub fn conv_transpose2d(
 fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         None => Ok(y),
-        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        Some(b) => crate::channels::add_channel_bias(&y, b),
     }
 }
 

@@ -7,14 +7,19 @@
 //! output goes to the *first* maximum of its window in row-major scan order (PyTorch's
 //! argmax), never split over ties.
 //!
-//! On the CPU it is a candle `CustomOp1`: the forward scans each window once; the backward
-//! recomputes the window argmax (a second, index-producing custom op) and scatters the
-//! upstream gradient with `index_add`. Other devices use a composition of candle primitives
+//! On the CPU (f32, f64) it is a candle `CustomOp1`: the forward scans each window once; the
+//! backward (a second custom op) scans the windows again and adds each output's gradient to
+//! its window's maximum; both run planes in parallel. Other devices and dtypes use a composition of candle primitives
 //! (`-inf` padding by `cat`, one `index_select` pair per kernel offset, `argmax` + `gather`
 //! over the stacked windows) whose backward candle derives; it costs `kernel²` copies of the
 //! output, and it inherits that device's `argmax` tie-breaking and NaN handling.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail,
+};
+
+use crate::storage::{Element, Kernel, run_kernel};
+use rayon::prelude::*;
 
 /// Pooling window parameters and the resulting shapes, validated like PyTorch does.
 #[derive(Clone, Copy, Debug)]
@@ -71,88 +76,78 @@ impl PoolGeometry {
         start.max(0) as usize..end as usize
     }
 
-    /// Max value and flat (contiguous `[B, C, H, W]`) input index of every window, in output
-    /// order. Ties keep the first element in row-major order; a NaN wins, as in PyTorch.
-    fn scan<T: WithDType>(&self, src: &[T], layout: &Layout) -> Result<(Vec<T>, Vec<u32>)> {
-        let [b, c, h, w] = self.dims;
-        if b * c * h * w > u32::MAX as usize {
-            bail!(
-                "max_pool2d: input with {} elements is too large for u32 indices",
-                b * c * h * w
-            );
-        }
-        let st = layout.stride();
-        let base = layout.start_offset();
-        let n_out = b * c * self.out_h * self.out_w;
-        let mut values = Vec::with_capacity(n_out);
-        let mut indices = Vec::with_capacity(n_out);
+    /// Visits the window maximum of every output of one `H x W` plane, in output order:
+    /// `visit(output index, input index, value)`, both indices within the plane. Ties keep
+    /// the first element in row-major order; a NaN wins, as in PyTorch.
+    fn scan_plane<T: WithDType>(&self, plane: &[T], mut visit: impl FnMut(usize, usize, T)) {
+        let [_, _, h, w] = self.dims;
         let neg_inf = T::from_f64(f64::NEG_INFINITY);
-        for bi in 0..b {
-            for ci in 0..c {
-                let plane = base + bi * st[0] + ci * st[1];
-                let flat_plane = (bi * c + ci) * h * w;
-                for oy in 0..self.out_h {
-                    let rows = self.window(oy, h);
-                    for ox in 0..self.out_w {
-                        let cols = self.window(ox, w);
-                        let mut best = neg_inf;
-                        let mut best_idx = flat_plane + rows.start * w + cols.start;
-                        for iy in rows.clone() {
-                            for ix in cols.clone() {
-                                let v = src[plane + iy * st[2] + ix * st[3]];
-                                if v > best || v.to_f64().is_nan() {
-                                    best = v;
-                                    best_idx = flat_plane + iy * w + ix;
-                                }
-                            }
+        for oy in 0..self.out_h {
+            let rows = self.window(oy, h);
+            for ox in 0..self.out_w {
+                let cols = self.window(ox, w);
+                let mut best = neg_inf;
+                let mut best_idx = rows.start * w + cols.start;
+                for iy in rows.clone() {
+                    for ix in cols.clone() {
+                        let v = plane[iy * w + ix];
+                        // `partial_cmp` is `None` only for a NaN.
+                        if v > best || v.partial_cmp(&v).is_none() {
+                            best = v;
+                            best_idx = iy * w + ix;
                         }
-                        values.push(best);
-                        indices.push(best_idx as u32);
                     }
                 }
+                visit(oy * self.out_w + ox, best_idx, best);
             }
         }
-        Ok((values, indices))
     }
 
-    fn scan_storage(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> Result<(CpuStorage, Vec<u32>)> {
-        use candle_core::backend::BackendStorage;
-        fn run<T: WithDType>(
-            g: &PoolGeometry,
-            src: &[T],
-            layout: &Layout,
-        ) -> Result<(CpuStorage, Vec<u32>)> {
-            let (values, indices) = g.scan(src, layout)?;
-            Ok((T::to_cpu_storage_owned(values), indices))
+    fn plane_sizes(&self) -> (usize, usize) {
+        let [_, _, h, w] = self.dims;
+        (h * w, self.out_h * self.out_w)
+    }
+
+    /// The window maxima, planes in parallel.
+    fn forward<T: WithDType>(&self, x: &[T]) -> Vec<T> {
+        let (input, output) = self.plane_sizes();
+        let mut y = vec![T::zero(); x.len() / input * output];
+        if output > 0 {
+            y.par_chunks_mut(output)
+                .zip(x.par_chunks(input))
+                .for_each(|(y, x)| self.scan_plane(x, |o, _, v| y[o] = v));
         }
-        match storage {
-            CpuStorage::F32(s) => run(self, s, layout),
-            CpuStorage::F64(s) => run(self, s, layout),
-            CpuStorage::F16(s) => run(self, s, layout),
-            CpuStorage::BF16(s) => run(self, s, layout),
-            other => bail!("max_pool2d: unsupported dtype {:?}", other.dtype()),
+        y
+    }
+
+    /// The input gradient: each output's gradient added to its window's maximum.
+    fn backward<T: WithDType>(&self, x: &[T], dy: &[T]) -> Vec<T> {
+        let (input, output) = self.plane_sizes();
+        let mut dx = vec![T::zero(); x.len()];
+        if output > 0 {
+            dx.par_chunks_mut(input)
+                .zip(x.par_chunks(input).zip(dy.par_chunks(output)))
+                .for_each(|(dx, (x, dy))| self.scan_plane(x, |o, i, _| dx[i] += dy[o]));
         }
+        dx
     }
 }
 
 /// Forward custom op: the window maxima.
 struct MaxPool2dOp(PoolGeometry);
 
-/// Companion op used by the backward: the flat input index of every window maximum.
-struct MaxPool2dArgmaxOp(PoolGeometry);
+/// The backward of [`MaxPool2dOp`]: `(x, dy) -> dx`, recomputing each window's maximum.
+struct MaxPool2dBackwardOp(PoolGeometry);
 
-impl CustomOp1 for MaxPool2dArgmaxOp {
-    fn name(&self) -> &'static str {
-        "genseg-max-pool2d-argmax"
+impl Kernel<1> for MaxPool2dOp {
+    fn run<T: Element>(&self, [x]: [&[T]; 1], _: [&Layout; 1]) -> Result<Vec<T>> {
+        Ok(self.0.forward(x))
     }
+}
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, indices) = self.0.scan_storage(storage, layout)?;
-        Ok((CpuStorage::U32(indices), self.0.out_shape()))
+impl Kernel<2> for MaxPool2dBackwardOp {
+    fn run<T: Element>(&self, [x, dy]: [&[T]; 2], _: [&Layout; 2]) -> Result<Vec<T>> {
+        Ok(self.0.backward(x, dy))
     }
 }
 
@@ -162,18 +157,30 @@ impl CustomOp1 for MaxPool2dOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (values, _) = self.0.scan_storage(storage, layout)?;
+        let values = run_kernel(self, self.name(), [(storage, layout)])?;
         Ok((values, self.0.out_shape()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let argmax = arg
-            .apply_op1_no_bwd(&MaxPool2dArgmaxOp(self.0))?
-            .flatten_all()?;
-        let grad_in = Tensor::zeros(arg.elem_count(), grad_res.dtype(), arg.device())?
-            .index_add(&argmax, &grad_res.flatten_all()?, 0)?
-            .reshape(arg.shape())?;
-        Ok(Some(grad_in))
+        let dx = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackwardOp(self.0))?;
+        Ok(Some(dx))
+    }
+}
+
+impl CustomOp2 for MaxPool2dBackwardOp {
+    fn name(&self) -> &'static str {
+        "genseg-max-pool2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dx = run_kernel(self, self.name(), [(s1, l1), (s2, l2)])?;
+        Ok((dx, l1.shape().clone()))
     }
 }
 
@@ -186,8 +193,8 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     if !x.dtype().is_float() {
         bail!("max_pool2d: expected a float tensor, got {:?}", x.dtype());
     }
-    if x.device().is_cpu() {
-        x.apply_op1(MaxPool2dOp(geometry))
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(MaxPool2dOp(geometry))
     } else {
         max_pool2d_composed(x, &geometry)
     }
