@@ -260,10 +260,27 @@ fn run_tasks(count: usize, task: impl Fn(usize, Parallelism) + Sync) {
 /// `y = conv2d(x, w)`: `x` is `[batch, c_in, h, w]`, `w` `[c_out, c_in, kh, kw]`, both
 /// contiguous; returns `[batch, c_out, oh, ow]`.
 pub(crate) fn forward<T: Real>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<T> {
-    let mut y = vec![T::ZERO; g.batch * g.out_image()];
     let (n, k) = (g.out_plane(), g.patch_len());
     let tiles = tiles(g, TILE_ELEMENTS);
-    let out = SharedMut(y.as_mut_ptr());
+    // SAFETY: the tiles of every image cover all its columns, and each GEMM overwrites
+    // all `c_out` rows of its columns (no accumulation), so every element is written.
+    unsafe {
+        written_by(g.batch * g.out_image(), |y| {
+            forward_into(g, x, w, n, k, &tiles, y)
+        })
+    }
+}
+
+fn forward_into<T: Real>(
+    g: &ConvGeometry,
+    x: &[T],
+    w: &[T],
+    n: usize,
+    k: usize,
+    tiles: &[(usize, usize)],
+    y: *mut T,
+) {
+    let out = SharedMut(y);
     run_tasks(g.batch * tiles.len(), |t, par| {
         let (b, (n0, n1)) = (t / tiles.len(), tiles[t % tiles.len()]);
         let x_b = &x[b * g.in_image()..(b + 1) * g.in_image()];
@@ -299,7 +316,20 @@ pub(crate) fn forward<T: Real>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<T> {
             })
         }
     });
-    y
+}
+
+/// A buffer of `len` elements that `fill` writes through the pointer, without the zero
+/// fill that `vec![0; len]` costs (a full pass over memory the GEMM then overwrites).
+///
+/// # Safety
+/// `fill` must write every element of the buffer (and read none before writing it).
+unsafe fn written_by<T>(len: usize, fill: impl FnOnce(*mut T)) -> Vec<T> {
+    let mut buf = Vec::with_capacity(len);
+    fill(buf.as_mut_ptr());
+    // SAFETY: all `len` elements were written (the caller's contract); a panic in `fill`
+    // leaves the length at 0.
+    unsafe { buf.set_len(len) };
+    buf
 }
 
 /// The gradient with respect to the input of [`forward`] given `dy` (`[batch, c_out, oh,
