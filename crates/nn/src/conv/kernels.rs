@@ -61,6 +61,10 @@ macro_rules! real {
 real!(f32, SCRATCH_F32);
 real!(f64, SCRATCH_F64);
 
+/// The widest layer (output channels) whose weight gradient accumulates transposed
+/// ([`weight_gradient`]).
+const TRANSPOSED_WEIGHT_GRADIENT_MAX_C_OUT: usize = 128;
+
 /// Unfolded-input elements per tile of the forward pass and the input gradient: 64 Ki
 /// (256 KiB in f32) keeps a tile in L2 next to the GEMM's packed panels. The weight
 /// gradient's GEMM sums over the tile's columns, so it gets wider tiles (fewer, longer
@@ -388,37 +392,48 @@ pub(crate) fn weight_gradient<T: Real>(g: &ConvGeometry, x: &[T], dy: &[T]) -> V
     let count = g.batch * tiles.len();
     // One accumulator per thread (each task adds into its own), summed at the end.
     let parts = threads().min(count).max(1);
+    // Accumulating dwᵀ (`[k, c_out]`, transposed once at the end) ran the `gemm` crate
+    // 1.05-1.9x faster on tiles of layers with 16-128 output channels (the UNet's weight
+    // gradients 10-20% faster); at 1024 channels (short tiles of a long patch) the
+    // `[c_out, k]` order was 1.4x faster.
+    let accumulate_transposed = g.c_out <= TRANSPOSED_WEIGHT_GRADIENT_MAX_C_OUT;
     let task = |t: usize, acc: &mut [T], first: bool, par: Parallelism| {
         let (b, (n0, n1)) = (t / tiles.len(), tiles[t % tiles.len()]);
         let x_b = &x[b * g.in_image()..(b + 1) * g.in_image()];
-        let dy_tile = view(dy[b * g.out_image() + n0..].as_ptr(), n);
-        // SAFETY: acc is this task's own [c_out, k] buffer; views are in bounds.
-        if g.is_pointwise() {
+        let dy_tile = dy[b * g.out_image() + n0..].as_ptr();
+        // `src` holds the tile's unfolded input, `[k, n1 - n0]` with row stride `stride`.
+        let mut product = |src: *const T, stride: usize| {
+            // SAFETY: acc is this task's own weight-sized buffer; views are in bounds.
             unsafe {
-                matmul(
-                    (g.c_out, k, n1 - n0),
-                    acc.as_mut_ptr(),
-                    k,
-                    !first,
-                    dy_tile,
-                    transposed(x_b[n0..].as_ptr(), n),
-                    par,
-                )
-            }
-        } else {
-            T::with_scratch(k * (n1 - n0), |cols| {
-                unfold(g, x_b, n0, n1, cols);
-                unsafe {
+                if accumulate_transposed {
+                    matmul(
+                        (k, g.c_out, n1 - n0),
+                        acc.as_mut_ptr(),
+                        g.c_out,
+                        !first,
+                        view(src, stride),
+                        transposed(dy_tile, n),
+                        par,
+                    )
+                } else {
                     matmul(
                         (g.c_out, k, n1 - n0),
                         acc.as_mut_ptr(),
                         k,
                         !first,
-                        dy_tile,
-                        transposed(cols.as_ptr(), n1 - n0),
+                        view(dy_tile, n),
+                        transposed(src, stride),
                         par,
                     )
                 }
+            }
+        };
+        if g.is_pointwise() {
+            product(x_b[n0..].as_ptr(), n);
+        } else {
+            T::with_scratch(k * (n1 - n0), |cols| {
+                unfold(g, x_b, n0, n1, cols);
+                product(cols.as_ptr(), n1 - n0);
             })
         }
     };
@@ -445,6 +460,14 @@ pub(crate) fn weight_gradient<T: Real>(g: &ConvGeometry, x: &[T], dy: &[T]) -> V
         dw.par_iter_mut()
             .zip(part.par_iter())
             .for_each(|(d, p)| *d += *p);
+    }
+    if accumulate_transposed {
+        // [k, c_out] -> [c_out, k]
+        let mut out = Vec::with_capacity(dw.len());
+        for co in 0..g.c_out {
+            out.extend(dw.iter().skip(co).step_by(g.c_out));
+        }
+        dw = out;
     }
     dw
 }
@@ -524,6 +547,14 @@ mod tests {
             // 576 patch rows: 448-column tiles, the second starting mid-row.
             ((2, 64, 23, 29), (2, 64, 3, 3), 1, 1, 1),
             ((1, 64, 20, 31), (3, 64, 4, 4), 1, 2, 1),
+            // Padding 0 and k - 1.
+            ((2, 3, 6, 7), (4, 3, 3, 3), 0, 1, 1),
+            ((1, 2, 5, 5), (3, 2, 3, 3), 2, 1, 1),
+            ((1, 2, 4, 3), (2, 2, 1, 1), 0, 1, 1),
+            ((2, 2, 9, 8), (3, 2, 5, 5), 2, 1, 1),
+            // Over TRANSPOSED_WEIGHT_GRADIENT_MAX_C_OUT: the [c_out, k] accumulator.
+            ((2, 2, 5, 4), (130, 2, 3, 3), 1, 1, 1),
+            ((1, 3, 4, 4), (129, 3, 1, 1), 0, 1, 1),
         ];
         for (xs, ws, p, s, d) in cases {
             let g = ConvGeometry::forward(xs, ws, p, s, d).unwrap();

@@ -91,17 +91,26 @@ impl CustomOp2 for ConvOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        // Only the gradients candle will use: an input that is data (no graph behind it,
+        // like a batch of images) or a frozen weight needs none.
+        let needed = |t: &Tensor, pass: Pass, x: &Tensor, y: &Tensor| -> Result<Option<Tensor>> {
+            if t.track_op() {
+                Ok(Some(x.apply_op2_no_bwd(y, &self.with(pass))?))
+            } else {
+                Ok(None)
+            }
+        };
         match self.pass {
             // (x, w) -> y: dx = adjoint(dy, w), dw = weight_gradient(x, dy)
             Pass::Forward => Ok((
-                Some(grad.apply_op2_no_bwd(b, &self.with(Pass::InputGradient))?),
-                Some(a.apply_op2_no_bwd(&grad, &self.with(Pass::WeightGradient))?),
+                needed(a, Pass::InputGradient, &grad, b)?,
+                needed(b, Pass::WeightGradient, a, &grad)?,
             )),
             // (dy, w) -> dx (transposed conv of dy): d(dy) = forward(d(dx), w),
             // dw = weight_gradient(d(dx), dy)
             Pass::InputGradient => Ok((
-                Some(grad.apply_op2_no_bwd(b, &self.with(Pass::Forward))?),
-                Some(grad.apply_op2_no_bwd(a, &self.with(Pass::WeightGradient))?),
+                needed(a, Pass::Forward, &grad, b)?,
+                needed(b, Pass::WeightGradient, &grad, a)?,
             )),
             Pass::WeightGradient => bail!("{}: no second-order gradient", self.name()),
         }
