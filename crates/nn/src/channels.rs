@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::storage::{Element, Kernel, run_kernel};
+use crate::storage::{Element, Kernel, par_written, run_kernel};
 
 /// `[N, C, H, W]` seen as `N·C` contiguous planes of `H·W`.
 #[derive(Debug, Clone, Copy)]
@@ -100,17 +100,15 @@ struct AddChannelBias;
 impl Kernel<2> for AddChannelBias {
     fn run<T: Element>(&self, [y, bias]: [&[T]; 2], [l, _]: [&Layout; 2]) -> Result<Vec<T>> {
         let p = Planes::of(l)?;
-        let mut out = vec![T::zero(); y.len()];
-        out.par_chunks_mut(p.plane)
-            .zip(y.par_chunks(p.plane))
-            .enumerate()
-            .for_each(|(i, (out, y))| {
+        // SAFETY: each chunk is one plane, written element by element.
+        Ok(unsafe {
+            par_written(y.len(), p.plane, |i, out| {
                 let b = bias[i % p.channels];
-                for (o, &v) in out.iter_mut().zip(y) {
-                    *o = v + b;
+                for (o, &v) in out.iter_mut().zip(&y[i * p.plane..]) {
+                    o.write(v + b);
                 }
-            });
-        Ok(out)
+            })
+        })
     }
 }
 

@@ -1,8 +1,12 @@
 //! What the CPU custom ops share: the contiguous slice of a candle storage, and the one
 //! dispatch from candle's dtype-tagged storages to kernels written once for f32 and f64.
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, WithDType, bail};
+
+use rayon::prelude::*;
 
 use crate::conv::Real;
 
@@ -77,6 +81,29 @@ pub(crate) fn run_inplace_kernel<const N: usize, K: InplaceKernel<N>>(
         ),
     }
     Ok(())
+}
+
+/// A buffer of `len` elements written in parallel, `chunk` at a time, by
+/// `fill(chunk index, chunk)`; it spares the zero fill of `vec![0; len]`, a full pass over
+/// memory the kernel then overwrites (with the heap reused between steps, `calloc` has to
+/// clear it).
+///
+/// # Safety
+/// `fill` must write every element of every chunk it is given.
+pub(crate) unsafe fn par_written<T: Send>(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let mut buf = Vec::with_capacity(len);
+    buf.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c)| fill(i, c));
+    // SAFETY: every element was written (the caller's contract); a panic in `fill`
+    // propagates before this, with the length still 0.
+    unsafe { buf.set_len(len) };
+    buf
 }
 
 /// The one dtype (f32 or f64) of the target and inputs, or an error naming `op`.

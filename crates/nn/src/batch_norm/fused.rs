@@ -12,7 +12,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::channels::{Planes, lane_sums};
-use crate::storage::{Element, Kernel, run_kernel};
+use crate::storage::{Element, Kernel, par_written, run_kernel};
 
 /// Per-channel scale and shift of the normalised, affine output: `y = x·scale + shift`.
 fn scale_shift(gamma: f64, beta: f64, mean: f64, var: f64, eps: f64) -> (f64, f64, f64) {
@@ -112,11 +112,10 @@ impl BatchNormTrain {
         stats: &[T],
         p: Planes,
     ) -> Vec<T> {
-        let mut y = vec![T::zero(); x.len()];
-        y.par_chunks_mut(p.plane)
-            .zip(x.par_chunks(p.plane))
-            .enumerate()
-            .for_each(|(i, (y, x))| {
+        // SAFETY: each chunk is one plane, written element by element below.
+        unsafe {
+            par_written(x.len(), p.plane, |i, y| {
+                let x = &x[i * p.plane..][..y.len()];
                 let [gamma, beta, mean, var] =
                     channel_params(affine, stats, i % p.channels, p.channels);
                 let (scale, shift, _) = scale_shift(gamma, beta, mean, var, self.eps);
@@ -125,15 +124,15 @@ impl BatchNormTrain {
                 if self.relu {
                     for (y, &x) in y.iter_mut().zip(x) {
                         let v = x * scale + shift;
-                        *y = if v > T::zero() { v } else { T::zero() };
+                        y.write(if v > T::zero() { v } else { T::zero() });
                     }
                 } else {
                     for (y, &x) in y.iter_mut().zip(x) {
-                        *y = x * scale + shift;
+                        y.write(x * scale + shift);
                     }
                 }
-            });
-        y
+            })
+        }
     }
 
     /// `(x, dy, params [4, C] = (gamma, beta, mean, var))` -> `dx` followed by `dgamma [C]`
@@ -192,12 +191,28 @@ impl BatchNormTrain {
                 (sum_dy, sum_dy_xc * inv_std)
             })
             .collect();
-        let mut out = vec![T::zero(); x.len() + 2 * p.channels];
-        let (dx, dparams) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(p.plane)
-            .zip(x.par_chunks(p.plane).zip(dy.par_chunks(p.plane)))
-            .enumerate()
-            .for_each(|(i, (dx, (x, dy)))| {
+        let dparams: Vec<T> = sums
+            .iter()
+            .map(|s| cast(s.1))
+            .chain(sums.iter().map(|s| cast(s.0)))
+            .collect();
+        let chunk = p.plane.max(1);
+        let planes = x.len() / chunk;
+        // SAFETY: chunks below `planes` are the planes of dx, each written element by
+        // element; the rest cover `dparams` (2·C values) in order, copied whole.
+        unsafe {
+            par_written(x.len() + dparams.len(), chunk, |i, dx| {
+                if i >= planes {
+                    let start = (i - planes) * chunk;
+                    for (d, &v) in dx.iter_mut().zip(&dparams[start..]) {
+                        d.write(v);
+                    }
+                    return;
+                }
+                let (x, dy) = (
+                    &x[i * p.plane..][..dx.len()],
+                    &dy[i * p.plane..][..dx.len()],
+                );
                 let c = i % p.channels;
                 let [gamma, beta, mean, var] = channel_params(affine, stats, c, p.channels);
                 let (scale, shift, inv_std) = scale_shift(gamma, beta, mean, var, self.eps);
@@ -209,14 +224,10 @@ impl BatchNormTrain {
                 let (a, b, d) = (cast::<T>(a), cast::<T>(b), cast::<T>(d));
                 let (scale_t, shift_t) = (cast::<T>(scale), cast::<T>(shift));
                 for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    *dx = a * gated(x, dy, scale_t, shift_t) + b * x + d;
+                    dx.write(a * gated(x, dy, scale_t, shift_t) + b * x + d);
                 }
-            });
-        for (c, (sum_dy, sum_dy_xhat)) in sums.into_iter().enumerate() {
-            dparams[c] = cast(sum_dy_xhat);
-            dparams[p.channels + c] = cast(sum_dy);
+            })
         }
-        out
     }
 }
 

@@ -18,7 +18,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail,
 };
 
-use crate::storage::{Element, Kernel, run_kernel};
+use crate::storage::{Element, Kernel, par_written, run_kernel};
 use rayon::prelude::*;
 
 /// Pooling window parameters and the resulting shapes, validated like PyTorch does.
@@ -46,6 +46,9 @@ impl PoolGeometry {
             bail!("max_pool2d: padding {padding} must be at most half the kernel size {kernel}");
         }
         let [_, _, h, w] = dims;
+        if h == 0 || w == 0 {
+            bail!("max_pool2d: empty input {dims:?}");
+        }
         if h + 2 * padding < kernel || w + 2 * padding < kernel {
             bail!(
                 "max_pool2d: kernel {kernel} is larger than the padded input {}x{} \
@@ -111,13 +114,14 @@ impl PoolGeometry {
     /// The window maxima, planes in parallel.
     fn forward<T: WithDType>(&self, x: &[T]) -> Vec<T> {
         let (input, output) = self.plane_sizes();
-        let mut y = vec![T::zero(); x.len() / input * output];
-        if output > 0 {
-            y.par_chunks_mut(output)
-                .zip(x.par_chunks(input))
-                .for_each(|(y, x)| self.scan_plane(x, |o, _, v| y[o] = v));
+        // SAFETY: each chunk is one output plane, whose every window the scan visits.
+        unsafe {
+            par_written(x.len() / input * output, output, |i, y| {
+                self.scan_plane(&x[i * input..][..input], |o, _, v| {
+                    y[o].write(v);
+                })
+            })
         }
-        y
     }
 
     /// The input gradient: each output's gradient added to its window's maximum.
