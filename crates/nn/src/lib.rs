@@ -18,7 +18,9 @@
 //! - [`conv`]: `conv2d` / `conv_transpose2d` on our own GEMM kernels, several times
 //!   faster than candle's on a CPU, and the layers built on them.
 //! - [`ops`]: stable BCE-with-logits, softmax and LayerNorm with gradients,
-//!   bilinear resize and max-pool with backward, reflection padding.
+//!   bilinear resize and max-pool with backward, reflection padding, and the
+//!   weighted sum of centred kernels that fuses a searchable cell.
+//! - [`channels`]: the per-channel bias of a convolution, with a fast gradient.
 //! - [`optim`]: Adam (coupled L2) / AdamW, RMSprop, SGD with PyTorch semantics
 //!   and state that saves to safetensors and resumes bit-identically.
 //! - [`checkpoint`]: atomic checkpoint folders (weights, optimizer states, step,

@@ -1,5 +1,5 @@
 //! Convolutions that train fast on a CPU: `conv2d` and `conv_transpose2d` as candle custom
-//! ops with our own forward and backward kernels ([`kernels`]), used by every model here.
+//! ops with our own forward and backward kernels (`kernels.rs`), used by every model here.
 //!
 //! On other devices, other dtypes (f16, bf16) or grouped convolutions the functions defer
 //! to candle's own ops (cuDNN on CUDA), so a model written against this module runs
