@@ -1,11 +1,11 @@
 //! `[N, C, H, W]` activations seen per channel: the plane layout and lane sums the CPU
 //! kernels share (BatchNorm, the convolutions' bias), and the per-channel bias op.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::storage::{Element, Kernel, par_written, run_kernel};
+use crate::storage::{Element, Kernel, kernel_cpu_fwd, par_written};
 
 /// `[N, C, H, W]` seen as `N·C` contiguous planes of `H·W`.
 #[derive(Debug, Clone, Copy)]
@@ -117,16 +117,7 @@ impl CustomOp2 for AddChannelBias {
         "genseg-add-channel-bias"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = run_kernel(self, self.name(), [(s1, l1), (s2, l2)])?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernel_cpu_fwd!(|self, l1, _l2| l1.shape().clone());
 
     fn bwd(
         &self,
@@ -164,10 +155,7 @@ impl CustomOp1 for ChannelSums {
         "genseg-channel-sums"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = run_kernel(self, self.name(), [(s, l)])?;
-        Ok((out, Shape::from(Planes::of(l)?.channels)))
-    }
+    kernel_cpu_fwd!(|self, l| Shape::from(Planes::of(l)?.channels));
 }
 
 #[cfg(test)]

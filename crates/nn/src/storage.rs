@@ -39,6 +39,54 @@ pub(crate) trait Kernel<const N: usize> {
     fn run<T: Element>(&self, inputs: [&[T]; N], layouts: [&Layout; N]) -> Result<Vec<T>>;
 }
 
+/// The `cpu_fwd` of a candle `CustomOp1/2/3` whose CPU work is this type's [`Kernel`]:
+/// `kernel_cpu_fwd!(|self, l1, l2| output shape)`, the closure-like head naming `self`
+/// and the inputs' layouts for the shape expression (which may use `?`); `self` is
+/// passed in so that the expression's `self` is the method's.
+macro_rules! kernel_cpu_fwd {
+    (|$this:ident, $l1:ident| $shape:expr) => {
+        fn cpu_fwd(
+            &$this,
+            s1: &candle_core::CpuStorage,
+            $l1: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let out = $crate::storage::run_kernel($this, $this.name(), [(s1, $l1)])?;
+            Ok((out, $shape))
+        }
+    };
+    (|$this:ident, $l1:ident, $l2:ident| $shape:expr) => {
+        fn cpu_fwd(
+            &$this,
+            s1: &candle_core::CpuStorage,
+            $l1: &candle_core::Layout,
+            s2: &candle_core::CpuStorage,
+            $l2: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let out = $crate::storage::run_kernel($this, $this.name(), [(s1, $l1), (s2, $l2)])?;
+            Ok((out, $shape))
+        }
+    };
+    (|$this:ident, $l1:ident, $l2:ident, $l3:ident| $shape:expr) => {
+        fn cpu_fwd(
+            &$this,
+            s1: &candle_core::CpuStorage,
+            $l1: &candle_core::Layout,
+            s2: &candle_core::CpuStorage,
+            $l2: &candle_core::Layout,
+            s3: &candle_core::CpuStorage,
+            $l3: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let out = $crate::storage::run_kernel(
+                $this,
+                $this.name(),
+                [(s1, $l1), (s2, $l2), (s3, $l3)],
+            )?;
+            Ok((out, $shape))
+        }
+    };
+}
+pub(crate) use kernel_cpu_fwd;
+
 /// A kernel that updates its target in place from `N` contiguous inputs.
 pub(crate) trait InplaceKernel<const N: usize> {
     fn run<T: Element>(&self, target: &mut [T], inputs: [&[T]; N]);

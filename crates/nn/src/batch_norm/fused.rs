@@ -7,12 +7,12 @@
 //! Here each pass is parallel over channels (statistics, gradient sums) or contiguous
 //! `H·W` planes (output, input gradient), with per-channel sums in f64.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::channels::{Planes, lane_sums};
-use crate::storage::{Element, Kernel, par_written, run_kernel};
+use crate::storage::{Element, Kernel, kernel_cpu_fwd, par_written};
 
 /// Per-channel scale and shift of the normalised, affine output: `y = x·scale + shift`.
 fn scale_shift(gamma: f64, beta: f64, mean: f64, var: f64, eps: f64) -> (f64, f64, f64) {
@@ -70,10 +70,7 @@ impl CustomOp1 for ChannelStats {
         "genseg-batch-norm-stats"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = run_kernel(self, self.name(), [(s, l)])?;
-        Ok((out, Shape::from((2, Planes::of(l)?.channels))))
-    }
+    kernel_cpu_fwd!(|self, l| Shape::from((2, Planes::of(l)?.channels)));
 }
 
 impl Kernel<1> for ChannelStats {
@@ -236,18 +233,7 @@ impl CustomOp3 for BatchNormTrain {
         "genseg-batch-norm-train"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = run_kernel(self, self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernel_cpu_fwd!(|self, l1, _l2, _l3| l1.shape().clone());
 
     fn bwd(
         &self,
@@ -284,20 +270,10 @@ impl CustomOp3 for BatchNormBackward {
         "genseg-batch-norm-train-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = run_kernel(self, self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
-        let p = Planes::of(l1)?;
-        let len = l1.shape().elem_count() + 2 * p.channels;
-        Ok((out, Shape::from(len)))
-    }
+    // Flat `[dx, dgamma, dbeta]`.
+    kernel_cpu_fwd!(|self, l1, _l2, _l3| Shape::from(
+        l1.shape().elem_count() + 2 * Planes::of(l1)?.channels
+    ));
 }
 
 impl Kernel<3> for BatchNormBackward {

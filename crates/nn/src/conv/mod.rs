@@ -9,10 +9,10 @@
 mod geometry;
 mod kernels;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, bail};
+use candle_core::{CustomOp2, DType, Layout, Module, Result, Shape, Tensor, bail};
 pub use candle_nn::{Conv2dConfig, ConvTranspose2dConfig};
 
-use crate::storage::{Element, Kernel, run_kernel};
+use crate::storage::{Element, Kernel, kernel_cpu_fwd};
 use geometry::ConvGeometry;
 pub(crate) use kernels::Real;
 
@@ -71,17 +71,7 @@ impl CustomOp2 for ConvOp {
         }
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let shape = Shape::from(self.output_dims().to_vec());
-        let out = run_kernel(self, self.name(), [(s1, l1), (s2, l2)])?;
-        Ok((out, shape))
-    }
+    kernel_cpu_fwd!(|self, _l1, _l2| Shape::from(self.output_dims().to_vec()));
 
     fn bwd(
         &self,

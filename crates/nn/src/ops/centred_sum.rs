@@ -10,10 +10,10 @@
 //! kernels, which are parameters anyway, and the previous partial sum), so the graph keeps
 //! one partial sum per kernel size.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CustomOp3, Layout, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use crate::storage::{Element, Kernel, run_kernel};
+use crate::storage::{Element, Kernel, kernel_cpu_fwd};
 
 /// `Σ_k weights[k] · centre(kernels[k])`.
 ///
@@ -166,18 +166,7 @@ impl CustomOp3 for CentredStep {
         "genseg-weighted-centred-sum"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let out = run_kernel(self, self.name(), [(s1, l1), (s2, l2), (s3, l3)])?;
-        Ok((out, l2.shape().clone()))
-    }
+    kernel_cpu_fwd!(|self, _l1, l2, _l3| l2.shape().clone());
 
     fn bwd(
         &self,

@@ -14,11 +14,9 @@
 //! over the stacked windows) whose backward candle derives; it costs `kernel²` copies of the
 //! output, and it inherits that device's `argmax` tie-breaking and NaN handling.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail,
-};
+use candle_core::{CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail};
 
-use crate::storage::{Element, Kernel, par_written, run_kernel};
+use crate::storage::{Element, Kernel, kernel_cpu_fwd, par_written};
 use rayon::prelude::*;
 
 /// Pooling window parameters and the resulting shapes, validated like PyTorch does.
@@ -160,10 +158,7 @@ impl CustomOp1 for MaxPool2dOp {
         "genseg-max-pool2d"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let values = run_kernel(self, self.name(), [(storage, layout)])?;
-        Ok((values, self.0.out_shape()))
-    }
+    kernel_cpu_fwd!(|self, _l| self.0.out_shape());
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let dx = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackwardOp(self.0))?;
@@ -176,16 +171,7 @@ impl CustomOp2 for MaxPool2dBackwardOp {
         "genseg-max-pool2d-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dx = run_kernel(self, self.name(), [(s1, l1), (s2, l2)])?;
-        Ok((dx, l1.shape().clone()))
-    }
+    kernel_cpu_fwd!(|self, l1, _l2| l1.shape().clone());
 }
 
 /// Max pooling over `kernel x kernel` windows of `x` (`[B, C, H, W]`) moved by `stride`, with
