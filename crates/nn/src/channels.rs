@@ -1,11 +1,11 @@
 //! `[N, C, H, W]` activations seen per channel: the plane layout and lane sums the CPU
 //! kernels share (BatchNorm, the convolutions' bias), and the per-channel bias op.
 
-use candle_core::{CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::storage::{Element, Kernel, kernel_cpu_fwd, par_written};
+use crate::storage::{Element, Kernel, cast, kernel_cpu_fwd, on_cpu_kernels, par_written};
 
 /// `[N, C, H, W]` seen as `N·C` contiguous planes of `H·W`.
 #[derive(Debug, Clone, Copy)]
@@ -84,10 +84,7 @@ pub fn add_channel_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
             bias.dims()
         );
     }
-    let runs_here = y.device().is_cpu()
-        && matches!(y.dtype(), DType::F32 | DType::F64)
-        && bias.dtype() == y.dtype();
-    if runs_here {
+    if on_cpu_kernels(&[y, bias]) {
         y.contiguous()?
             .apply_op2(&bias.contiguous()?, AddChannelBias)
     } else {
@@ -144,7 +141,7 @@ impl Kernel<1> for ChannelSums {
                     .of_channel(x, c)
                     .map(|plane| lane_sums(plane, plane, |v, _| (v, T::zero())).0)
                     .sum();
-                T::from(sum).unwrap_or_else(T::nan)
+                cast(sum)
             })
             .collect())
     }

@@ -1,14 +1,32 @@
-//! What the CPU custom ops share: the contiguous slice of a candle storage, and the one
-//! dispatch from candle's dtype-tagged storages to kernels written once for f32 and f64.
+//! What the CPU custom ops share: when they run, the contiguous slice of a candle storage,
+//! the one dispatch from candle's dtype-tagged storages to kernels written once for f32 and
+//! f64, and output buffers written without a zero fill.
 
 use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Layout, Result, WithDType, bail};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType, bail};
 
 use rayon::prelude::*;
 
 use crate::conv::Real;
+
+/// Whether the CPU kernels take these tensors: all on the CPU, all f32 or all f64.
+/// Otherwise the ops fall back to candle's (cuDNN on CUDA).
+pub(crate) fn on_cpu_kernels(tensors: &[&Tensor]) -> bool {
+    let Some(first) = tensors.first() else {
+        return false;
+    };
+    matches!(first.dtype(), DType::F32 | DType::F64)
+        && tensors
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == first.dtype())
+}
+
+/// `v` in the kernel's element type (NaN if it does not convert).
+pub(crate) fn cast<T: num_traits::Float>(v: f64) -> T {
+    T::from(v).unwrap_or_else(T::nan)
+}
 
 /// The element types the CPU kernels run on (f32 and f64).
 pub(crate) trait Element: num_traits::Float + WithDType + Real {
@@ -143,13 +161,29 @@ pub(crate) unsafe fn par_written<T: Send>(
     chunk: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync,
 ) -> Vec<T> {
+    // SAFETY: the chunks cover the buffer, and the caller's `fill` writes each of them.
+    unsafe {
+        written_by(len, |ptr: *mut T| {
+            // SAFETY: `ptr` is the start of `len` elements of spare capacity.
+            let spare = std::slice::from_raw_parts_mut(ptr.cast::<MaybeUninit<T>>(), len);
+            spare
+                .par_chunks_mut(chunk.max(1))
+                .enumerate()
+                .for_each(|(i, c)| fill(i, c));
+        })
+    }
+}
+
+/// A buffer of `len` elements that `fill` writes through the pointer, without a zero fill
+/// first (for writes that are not in contiguous chunks, like a GEMM's tiles of columns).
+///
+/// # Safety
+/// `fill` must write every element of the buffer (and read none before writing it).
+pub(crate) unsafe fn written_by<T>(len: usize, fill: impl FnOnce(*mut T)) -> Vec<T> {
     let mut buf = Vec::with_capacity(len);
-    buf.spare_capacity_mut()[..len]
-        .par_chunks_mut(chunk.max(1))
-        .enumerate()
-        .for_each(|(i, c)| fill(i, c));
-    // SAFETY: every element was written (the caller's contract); a panic in `fill`
-    // propagates before this, with the length still 0.
+    fill(buf.as_mut_ptr());
+    // SAFETY: all `len` elements were written (the caller's contract); a panic in `fill`
+    // leaves the length at 0.
     unsafe { buf.set_len(len) };
     buf
 }

@@ -12,17 +12,13 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::channels::{Planes, lane_sums};
-use crate::storage::{Element, Kernel, kernel_cpu_fwd, par_written};
+use crate::storage::{Element, Kernel, cast, kernel_cpu_fwd, par_written};
 
 /// Per-channel scale and shift of the normalised, affine output: `y = x·scale + shift`.
 fn scale_shift(gamma: f64, beta: f64, mean: f64, var: f64, eps: f64) -> (f64, f64, f64) {
     let inv_std = 1.0 / (var + eps).sqrt();
     let scale = gamma * inv_std;
     (scale, beta - mean * scale, inv_std)
-}
-
-fn cast<T: Float>(v: f64) -> T {
-    T::from(v).unwrap_or_else(T::nan)
 }
 
 /// `x [N, C, H, W] -> [2, C]`: the batch mean and biased variance of each channel (two

@@ -155,7 +155,7 @@ impl BatchNorm2d {
     }
 
     fn normalise(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let fused = train && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        let fused = train && crate::storage::on_cpu_kernels(&[x]);
         self.normalise_with(x, train, relu, fused)
     }
 

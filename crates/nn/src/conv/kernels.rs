@@ -20,6 +20,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::geometry::ConvGeometry;
+use crate::storage::written_by;
 
 /// The float types the kernels run on.
 pub(crate) trait Real: Copy + Send + Sync + Default + AddAssign + 'static {
@@ -67,8 +68,9 @@ const TRANSPOSED_WEIGHT_GRADIENT_MAX_C_OUT: usize = 128;
 
 /// Unfolded-input elements per tile of the forward pass and the input gradient: 64 Ki
 /// (256 KiB in f32) keeps a tile in L2 next to the GEMM's packed panels. The weight
-/// gradient's GEMM sums over the tile's columns, so it gets wider tiles (fewer, longer
-/// products into the same `[c_out, patch]` accumulator). Measured on the conv_ops bench.
+/// gradient's GEMM sums over the tile's columns, so it gets wider tiles, 128 Ki elements
+/// (512 KiB in f32): fewer, longer products into the same weight-sized accumulator.
+/// Measured on the conv_ops bench.
 const TILE_ELEMENTS: usize = 1 << 16;
 const WEIGHT_GRADIENT_TILE_ELEMENTS: usize = 1 << 17;
 
@@ -264,26 +266,19 @@ fn run_tasks(count: usize, task: impl Fn(usize, Parallelism) + Sync) {
 /// `y = conv2d(x, w)`: `x` is `[batch, c_in, h, w]`, `w` `[c_out, c_in, kh, kw]`, both
 /// contiguous; returns `[batch, c_out, oh, ow]`.
 pub(crate) fn forward<T: Real>(g: &ConvGeometry, x: &[T], w: &[T]) -> Vec<T> {
-    let (n, k) = (g.out_plane(), g.patch_len());
     let tiles = tiles(g, TILE_ELEMENTS);
     // SAFETY: the tiles of every image cover all its columns, and each GEMM overwrites
     // all `c_out` rows of its columns (no accumulation), so every element is written.
     unsafe {
         written_by(g.batch * g.out_image(), |y| {
-            forward_into(g, x, w, n, k, &tiles, y)
+            forward_into(g, x, w, &tiles, y)
         })
     }
 }
 
-fn forward_into<T: Real>(
-    g: &ConvGeometry,
-    x: &[T],
-    w: &[T],
-    n: usize,
-    k: usize,
-    tiles: &[(usize, usize)],
-    y: *mut T,
-) {
+/// [`forward`] into the `[batch, c_out, oh, ow]` buffer at `y`.
+fn forward_into<T: Real>(g: &ConvGeometry, x: &[T], w: &[T], tiles: &[(usize, usize)], y: *mut T) {
+    let (n, k) = (g.out_plane(), g.patch_len());
     let out = SharedMut(y);
     run_tasks(g.batch * tiles.len(), |t, par| {
         let (b, (n0, n1)) = (t / tiles.len(), tiles[t % tiles.len()]);
@@ -320,20 +315,6 @@ fn forward_into<T: Real>(
             })
         }
     });
-}
-
-/// A buffer of `len` elements that `fill` writes through the pointer, without the zero
-/// fill that `vec![0; len]` costs (a full pass over memory the GEMM then overwrites).
-///
-/// # Safety
-/// `fill` must write every element of the buffer (and read none before writing it).
-unsafe fn written_by<T>(len: usize, fill: impl FnOnce(*mut T)) -> Vec<T> {
-    let mut buf = Vec::with_capacity(len);
-    fill(buf.as_mut_ptr());
-    // SAFETY: all `len` elements were written (the caller's contract); a panic in `fill`
-    // leaves the length at 0.
-    unsafe { buf.set_len(len) };
-    buf
 }
 
 /// The gradient with respect to the input of [`forward`] given `dy` (`[batch, c_out, oh,

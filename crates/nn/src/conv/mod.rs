@@ -9,10 +9,10 @@
 mod geometry;
 mod kernels;
 
-use candle_core::{CustomOp2, DType, Layout, Module, Result, Shape, Tensor, bail};
+use candle_core::{CustomOp2, Layout, Module, Result, Shape, Tensor, bail};
 pub use candle_nn::{Conv2dConfig, ConvTranspose2dConfig};
 
-use crate::storage::{Element, Kernel, kernel_cpu_fwd};
+use crate::storage::{Element, Kernel, kernel_cpu_fwd, on_cpu_kernels};
 use geometry::ConvGeometry;
 pub(crate) use kernels::Real;
 
@@ -107,11 +107,6 @@ impl CustomOp2 for ConvOp {
     }
 }
 
-/// Whether our kernels handle this input; otherwise candle's op runs.
-fn runs_here(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && x.dtype() == w.dtype()
-}
-
 fn dims4(t: &Tensor, op: &str, what: &str) -> Result<(usize, usize, usize, usize)> {
     t.dims4().map_err(|_| {
         candle_core::Error::Msg(format!(
@@ -131,7 +126,7 @@ pub fn conv2d(
     dilation: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    if groups != 1 || !runs_here(x, w) {
+    if groups != 1 || !on_cpu_kernels(&[x, w]) {
         return x.conv2d(w, padding, stride, dilation, groups);
     }
     let geometry = ConvGeometry::forward(
@@ -158,7 +153,7 @@ pub fn conv_transpose2d(
     stride: usize,
     dilation: usize,
 ) -> Result<Tensor> {
-    if !runs_here(x, w) {
+    if !on_cpu_kernels(&[x, w]) {
         return x.conv_transpose2d(w, padding, output_padding, stride, dilation);
     }
     let geometry = ConvGeometry::transposed(

@@ -10,10 +10,10 @@
 //! kernels, which are parameters anyway, and the previous partial sum), so the graph keeps
 //! one partial sum per kernel size.
 
-use candle_core::{CustomOp3, Layout, Result, Tensor, bail};
+use candle_core::{CustomOp3, DType, Layout, Result, Tensor, bail};
 use rayon::prelude::*;
 
-use crate::storage::{Element, Kernel, kernel_cpu_fwd};
+use crate::storage::{Element, Kernel, kernel_cpu_fwd, on_cpu_kernels};
 
 /// `Σ_k weights[k] · centre(kernels[k])`.
 ///
@@ -22,13 +22,8 @@ use crate::storage::{Element, Kernel, kernel_cpu_fwd};
 /// Differentiable in the weights and every kernel.
 pub fn weighted_centred_sum(kernels: &[Tensor], weights: &Tensor) -> Result<Tensor> {
     check(kernels, weights)?;
-    let runs_here = weights.device().is_cpu()
-        && kernels.iter().all(|k| k.dtype() == weights.dtype())
-        && matches!(
-            weights.dtype(),
-            candle_core::DType::F32 | candle_core::DType::F64
-        );
-    if kernels.len() < 2 || !runs_here {
+    let tensors: Vec<&Tensor> = std::iter::once(weights).chain(kernels).collect();
+    if kernels.len() < 2 || !on_cpu_kernels(&tensors) {
         return composed(kernels, weights);
     }
     let weights = weights.contiguous()?;
@@ -125,12 +120,10 @@ struct CentredStep {
     outer_weight: usize,
 }
 
-/// Sides `(a, b)` and the offset `(b - a) / 2` of inner in outer.
-fn sides(inner: &Layout, outer: &Layout) -> (usize, usize, usize) {
-    let (a, b) = (
-        inner.dims()[inner.dims().len() - 1],
-        outer.dims()[outer.dims().len() - 1],
-    );
+/// Sides `(a, b)` of inner and outer (their last dims) and the offset `(b - a) / 2` of inner
+/// in outer.
+fn sides(inner: &[usize], outer: &[usize]) -> (usize, usize, usize) {
+    let (a, b) = (inner[inner.len() - 1], outer[outer.len() - 1]);
     (a, b, (b - a) / 2)
 }
 
@@ -140,7 +133,7 @@ impl Kernel<3> for CentredStep {
         [inner, outer, weights]: [&[T]; 3],
         [li, lo, _]: [&Layout; 3],
     ) -> Result<Vec<T>> {
-        let (a, b, off) = sides(li, lo);
+        let (a, b, off) = sides(li.dims(), lo.dims());
         let s = self.inner_weight.map_or(T::one(), |i| weights[i]);
         let w = weights[self.outer_weight];
         let mut out = vec![T::zero(); outer.len()];
@@ -181,8 +174,7 @@ impl CustomOp3 for CentredStep {
         // is dropped; for the pix2pix generator that was 2.8 GB.
         let (inner, outer, weights) = (inner.detach(), outer.detach(), weights.detach());
         let rank = outer.rank();
-        let (a, b) = (inner.dims()[rank - 1], outer.dims()[rank - 1]);
-        let off = (b - a) / 2;
+        let (a, _, off) = sides(inner.dims(), outer.dims());
         let crop = grad.narrow(rank - 2, off, a)?.narrow(rank - 1, off, a)?;
         let weight = |k: usize| weights.narrow(0, k, 1)?.reshape(vec![1; rank]);
         let d_outer = grad.broadcast_mul(&weight(self.outer_weight)?)?;
@@ -190,19 +182,15 @@ impl CustomOp3 for CentredStep {
             Some(i) => crop.broadcast_mul(&weight(i)?)?,
             None => crop.contiguous()?,
         };
-        // One-hot rows: dL/dw_o = <grad, outer>, dL/dw_i = <crop(grad), inner>.
-        let count = weights.elem_count();
-        let one_hot = |k: usize, value: Tensor| -> Result<Tensor> {
-            let mut mask = vec![0f64; count];
-            mask[k] = 1.0;
-            Tensor::new(mask, weights.device())?
-                .to_dtype(weights.dtype())?
-                .broadcast_mul(&value.reshape(1)?)
-        };
-        let mut d_weights = one_hot(self.outer_weight, (grad * &outer)?.sum_all()?)?;
+        // dL/dw_o = <grad, outer>, dL/dw_i = <crop(grad), inner>, zero for the others.
+        let dot =
+            |u: &Tensor, v: &Tensor| (u * v)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>();
+        let mut d_weights = vec![0f64; weights.elem_count()];
+        d_weights[self.outer_weight] = dot(grad, &outer)?;
         if let Some(i) = self.inner_weight {
-            d_weights = (d_weights + one_hot(i, (crop * &inner)?.sum_all()?)?)?;
+            d_weights[i] = dot(&crop, &inner)?;
         }
+        let d_weights = Tensor::new(d_weights, weights.device())?.to_dtype(weights.dtype())?;
         Ok((Some(d_inner), Some(d_outer), Some(d_weights)))
     }
 }

@@ -9,14 +9,15 @@
 //!
 //! On the CPU (f32, f64) it is a candle `CustomOp1`: the forward scans each window once; the
 //! backward (a second custom op) scans the windows again and adds each output's gradient to
-//! its window's maximum; both run planes in parallel. Other devices and dtypes use a composition of candle primitives
+//! its window's maximum; both run planes in parallel. Other devices and dtypes use a
+//! composition of candle primitives
 //! (`-inf` padding by `cat`, one `index_select` pair per kernel offset, `argmax` + `gather`
 //! over the stacked windows) whose backward candle derives; it costs `kernel²` copies of the
 //! output, and it inherits that device's `argmax` tie-breaking and NaN handling.
 
-use candle_core::{CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, bail};
+use candle_core::{CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType, bail};
 
-use crate::storage::{Element, Kernel, kernel_cpu_fwd, par_written};
+use crate::storage::{Element, Kernel, kernel_cpu_fwd, on_cpu_kernels, par_written};
 use rayon::prelude::*;
 
 /// Pooling window parameters and the resulting shapes, validated like PyTorch does.
@@ -183,7 +184,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     if !x.dtype().is_float() {
         bail!("max_pool2d: expected a float tensor, got {:?}", x.dtype());
     }
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if on_cpu_kernels(&[x]) {
         x.contiguous()?.apply_op1(MaxPool2dOp(geometry))
     } else {
         max_pool2d_composed(x, &geometry)

@@ -197,7 +197,7 @@ impl Optimizer for Adam {
             let Some(mut g) = gradient(grads, name, var)? else {
                 continue;
             };
-            if var.device().is_cpu() && matches!(var.dtype(), DType::F32 | DType::F64) {
+            if crate::storage::on_cpu_kernels(&[var.as_tensor()]) {
                 let state = &self.moments[i];
                 self.moments[i] = fused_step(&c, var, &g, state, state.steps + 1)?;
                 continue;

@@ -7,17 +7,12 @@
 
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result};
 
-use crate::storage::{Element, InplaceKernel, run_inplace_kernel};
-use num_traits::Float;
+use crate::storage::{Element, InplaceKernel, cast, run_inplace_kernel};
 use rayon::prelude::*;
 
 /// Elements per parallel chunk: large enough to amortise scheduling, small enough to
 /// share a parameter between both threads.
 const CHUNK: usize = 1 << 16;
-
-fn cast<T: Float>(v: f64) -> T {
-    T::from(v).unwrap_or_else(T::nan)
-}
 
 /// `moments [2, n] = (m, v)`, updated in place from the gradient `g [n]` (plus
 /// `l2 · w [n]` for coupled weight decay): `m = b1·m + (1 - b1)·g`, `v = b2·v + (1 - b2)·g²`.
