@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use genseg::config::{Profile, RunConfig};
 use genseg_backbones::SegModel;
 use genseg_backbones::unet::UNet;
 use genseg_nn::params::ParamStore;
+use genseg_pipelines::config::{Profile, RunConfig};
 
 fn bench_unet(c: &mut Criterion) {
     let device = Device::Cpu;

@@ -9,7 +9,8 @@
 //!   (BCE + batch-wide Dice for lungs, BCE + per-image Jaccard for skin).
 //! - [`metrics`] scores binarised predictions per case (Dice, IoU, precision,
 //!   recall, HD95) and [`report`] aggregates them into `per_case.csv` and
-//!   `summary.json`.
+//!   `summary.json`; [`evaluate`] scores a model on a dataset, for validation and
+//!   evaluation alike.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -25,6 +26,9 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
+pub mod evaluate;
 pub mod loss;
 pub mod metrics;
 pub mod report;

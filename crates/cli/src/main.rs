@@ -68,7 +68,7 @@ enum Commands {
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    genseg::init_logging(cli.verbose);
+    genseg_pipelines::logging::init(cli.verbose);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

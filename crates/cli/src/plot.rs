@@ -1,10 +1,12 @@
-//! `progress.png`: training loss and validation Dice over iterations,
-//! rendered with an embedded font (DejaVu Sans) so no system fonts are needed.
+//! The figures of a run folder (`progress.png`, `alpha.png`), drawn from the
+//! [`Figure`]s the pipelines describe, with an embedded font (DejaVu Sans) so no system
+//! fonts are needed.
 
 use std::path::Path;
 use std::sync::Once;
 
 use anyhow::{Context, Result};
+use genseg_pipelines::learner::{Color as CurveColor, Figure};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -94,6 +96,32 @@ pub fn plot_panels(path: &Path, panels: &[(&str, &str, Vec<Series>)]) -> Result<
     draw()
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("drawing {}", path.display()))
+}
+
+/// Draws `figure` into `dir/<figure.file>`.
+pub fn draw_figure(dir: &Path, figure: &Figure) -> Result<()> {
+    let rgb = |c: CurveColor| match c {
+        CurveColor::Blue => BLUE,
+        CurveColor::Green => GREEN,
+        CurveColor::Red => RED,
+    };
+    let panels: Vec<(&str, &str, Vec<Series>)> = figure
+        .panels
+        .iter()
+        .map(|p| {
+            let curves = p
+                .curves
+                .iter()
+                .map(|c| Series {
+                    label: &c.label,
+                    points: &c.points,
+                    color: rgb(c.color),
+                })
+                .collect();
+            (p.title.as_str(), p.y_label.as_str(), curves)
+        })
+        .collect();
+    plot_panels(&dir.join(&figure.file), &panels)
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@
 //!   each naming its file.
 //! * [`phantom`]: seeded synthetic lungs / skin phantoms (and a shifted domain), so nothing needs
 //!   downloaded data.
-//! * [`writer`]: PNG masks, overlays, image grids.
+//! * [`sampler`]: the seeded, resumable order of training batches.
+//! * [`writer`]: PNG masks, overlays, image grids, masks to and from tensors.
 //!
 //! Errors are [`DataError`]s whose messages name the file and the problem. Nothing here prints.
 //!
@@ -36,12 +37,15 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod check;
 pub mod dataset;
 pub mod error;
 pub mod layout;
 pub mod phantom;
 pub mod preprocess;
+pub mod sampler;
 pub mod split;
 pub mod writer;
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use image::{DynamicImage, GrayImage, Luma, Rgb, RgbImage};
 
 use crate::error::{DataError, Result};
@@ -198,10 +198,30 @@ pub fn masks_from_tensor(masks: &Tensor, threshold: f32) -> candle_core::Result<
         .collect())
 }
 
+/// Stacks gray masks (non-zero = foreground) into a `[B, 1, H, W]` tensor in `{0, 1}`: the
+/// inverse of [`masks_from_tensor`]. Masks of different sizes in one batch are an error.
+pub fn masks_to_tensor(masks: &[GrayImage], device: &Device) -> candle_core::Result<Tensor> {
+    let Some(first) = masks.first() else {
+        candle_core::bail!("masks_to_tensor: no masks to convert");
+    };
+    let (w, h) = first.dimensions();
+    let mut values = Vec::with_capacity(masks.len() * (w * h) as usize);
+    for m in masks {
+        if m.dimensions() != (w, h) {
+            candle_core::bail!(
+                "masks of {}x{} and {w}x{h} in one batch",
+                m.width(),
+                m.height()
+            );
+        }
+        values.extend(m.pixels().map(|p| f32::from(u8::from(p.0[0] > 0))));
+    }
+    Tensor::from_vec(values, (masks.len(), 1, h as usize, w as usize), device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn mask_png_is_zero_or_255_and_reads_back() {
@@ -281,5 +301,18 @@ mod tests {
         let rgb = Tensor::zeros((2, 3, 4, 5), DType::F32, &dev).unwrap();
         assert_eq!(images_from_tensor(&rgb).unwrap()[1].dimensions(), (5, 4));
         assert!(masks_from_tensor(&rgb, 0.5).is_err());
+    }
+
+    #[test]
+    fn masks_round_trip_through_tensors_and_mixed_sizes_fail() -> candle_core::Result<()> {
+        let mut a = GrayImage::new(4, 3);
+        a.put_pixel(1, 2, image::Luma([255]));
+        let t = masks_to_tensor(&[a.clone(), GrayImage::new(4, 3)], &Device::Cpu)?;
+        assert_eq!(t.dims(), &[2, 1, 3, 4]);
+        assert_eq!(t.sum_all()?.to_scalar::<f32>()?, 1.0);
+        assert_eq!(masks_from_tensor(&t, 0.5)?[0].get_pixel(1, 2).0, [1]);
+        assert!(masks_to_tensor(&[a, GrayImage::new(3, 3)], &Device::Cpu).is_err());
+        assert!(masks_to_tensor(&[], &Device::Cpu).is_err());
+        Ok(())
     }
 }

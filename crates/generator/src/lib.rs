@@ -21,6 +21,10 @@
 //!   and gamma for X-ray, torchvision's photometric chain for RGB — with the gradient either
 //!   detached (the reference) or passed straight through.
 //!
+//! - [`pix2pix::Pix2Pix`] trains the pair (networks, discriminator optimizer and step, the
+//!   generator's objective), for pre-training and for GenSeg's first level alike;
+//!   [`ssim`] scores generated images against real ones.
+//!
 //! How they meet in one pix2pix step (spec §1.7): `fake = G(m)`; the discriminator steps on
 //! `discriminator_loss(D(m, fake.detach()), D(m, x))`, the generator on
 //! `generator_loss(D(m, fake), fake, x)`; the segmentation side receives
@@ -61,12 +65,16 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod discriminator;
 pub mod generator;
 pub mod loss;
 pub mod mixed;
 pub mod photometric;
+pub mod pix2pix;
 pub mod postprocess;
+pub mod ssim;
 
 #[cfg(test)]
 mod tests {

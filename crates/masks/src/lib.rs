@@ -77,10 +77,14 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod augment;
 pub mod config;
 pub mod error;
+pub mod pair;
 
 pub use augment::{AugmentParams, ElasticParams, MaskAugmenter, Sides};
 pub use config::{Augmenter, MAX_ELASTIC_SIGMA, MaskAugmentConfig};
 pub use error::{MaskError, Result};
+pub use pair::{Geometry, PairKinds};

@@ -10,7 +10,7 @@
 use candle_core::{DType, Result, Tensor, Var};
 
 use crate::problem::{Problem, check_matches};
-use crate::snapshot::Snapshot;
+use genseg_nn::snapshot::Snapshot;
 
 /// Betty's default finite-difference radius (`darts_alpha`).
 pub const DEFAULT_RADIUS: f64 = 0.01;

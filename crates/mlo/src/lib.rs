@@ -54,12 +54,14 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod engine;
 pub mod hypergradient;
 pub mod problem;
-pub mod snapshot;
 
 pub use engine::{Engine, IterationReport, UpperGradient};
+/// Re-exported from genseg-nn, where every crate can reach it.
+pub use genseg_nn::snapshot::Snapshot;
 pub use hypergradient::{DEFAULT_RADIUS, Hypergradient, l2_norm};
 pub use problem::{LossFn, Problem};
-pub use snapshot::Snapshot;

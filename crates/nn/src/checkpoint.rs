@@ -56,6 +56,31 @@ pub struct Checkpoint {
     pub extra: serde_json::Value,
 }
 
+/// The tensors of `weights` under `prefix.`: one network of a checkpoint that holds several
+/// (each network's store is built under its own prefix, e.g. `netG`, `netD`).
+pub fn with_prefix(weights: &BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<String, Tensor> {
+    let dotted = format!("{prefix}.");
+    weights
+        .iter()
+        .filter(|(k, _)| k.starts_with(&dotted))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The tensors of `weights` under none of `prefixes` (the rest of a checkpoint once the
+/// networks stored under those prefixes are taken out).
+pub fn without_prefixes(
+    weights: &BTreeMap<String, Tensor>,
+    prefixes: &[&str],
+) -> BTreeMap<String, Tensor> {
+    let dotted: Vec<String> = prefixes.iter().map(|p| format!("{p}.")).collect();
+    weights
+        .iter()
+        .filter(|(k, _)| !dotted.iter().any(|p| k.starts_with(p.as_str())))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 #[derive(Serialize, Deserialize)]
 struct StateJson {
     format_version: u32,

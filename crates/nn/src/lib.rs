@@ -26,6 +26,9 @@
 //! - [`checkpoint`]: atomic checkpoint folders (weights, optimizer states, step,
 //!   RNG states, config), never half-written.
 //! - [`rng`]: the seeded ChaCha8 generator used for init and dropout.
+//! - [`snapshot::Snapshot`]: bit-exact capture and restore of vars, and
+//!   [`params::ParamStore::without_buffer_updates`], a train-mode pass that leaves the
+//!   BatchNorm running statistics as they were.
 //! - [`gradcheck`]: the central-finite-difference checker every crate's tests
 //!   use, and the guard that every parameter receives a gradient.
 //! - [`device`]: `cpu` / `cuda:N` selection.
@@ -47,6 +50,8 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod batch_norm;
 pub mod channels;
 pub mod checkpoint;
@@ -58,4 +63,5 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod rng;
+pub mod snapshot;
 mod storage;

@@ -157,6 +157,19 @@ impl ParamStore {
             .collect()
     }
 
+    /// Runs `f` and then puts every buffer (BatchNorm running statistics) back to its value
+    /// before the call, so a train-mode pass for validation, sampling or a hypergradient
+    /// probe leaves no trace in the model. The buffers are restored whether `f` fails or not.
+    pub fn without_buffer_updates<T, E: From<candle_core::Error>>(
+        &self,
+        f: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let saved = crate::snapshot::Snapshot::capture(&self.buffers())?;
+        let out = f();
+        saved.restore()?;
+        out
+    }
+
     /// Total number of scalar trainable parameters.
     pub fn num_trainable_params(&self) -> usize {
         self.vars()

@@ -3,13 +3,13 @@
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Args;
-use genseg::bench_step::{BenchModel, StepBenchConfig, bench_step};
+use genseg_pipelines::bench_step::{BenchModel, StepBenchConfig, bench_step};
 
 /// Arguments of `genseg bench-step`.
 #[derive(Args, Debug)]
 pub struct BenchStepArgs {
     /// The network to train.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = genseg::choice::<BenchModel>(genseg::names::BENCH_MODEL))]
     model: BenchModel,
     /// UNet base width, or the generator's ngf.
     #[arg(long, default_value_t = 64)]

@@ -6,7 +6,8 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::Args;
-use genseg::demo::{DemoConfig, demo};
+use genseg::progress::Terminal;
+use genseg_pipelines::demo::{DemoConfig, demo};
 
 /// Arguments of `genseg demo`.
 #[derive(Args, Debug)]
@@ -38,7 +39,7 @@ pub fn run(args: DemoArgs, device: &Device, stop: &AtomicBool) -> Result<()> {
         seed: args.seed,
         ..DemoConfig::default()
     };
-    match demo(&cfg, device, stop)? {
+    match demo(&cfg, device, stop, &mut Terminal::default())? {
         Some(report) => {
             println!("{}", report.table);
             Ok(())

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
-use genseg::evaluate::{SplitChoice, evaluate_run};
-use genseg::run_dir::Which;
+use genseg_pipelines::evaluate::{SplitChoice, evaluate_run};
+use genseg_pipelines::run_dir::Which;
 
 /// Arguments of `genseg evaluate`.
 #[derive(Args, Debug)]
@@ -15,13 +15,13 @@ pub struct EvaluateArgs {
     #[arg(long)]
     run: PathBuf,
     /// Which checkpoint.
-    #[arg(long, value_enum, default_value_t = Which::Best)]
+    #[arg(long, value_parser = genseg::choice::<Which>(genseg::names::CHECKPOINT), default_value = "best")]
     checkpoint: Which,
     /// Dataset folder; default: the run's training dataset.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Cases to score; default: `test` on the run's dataset, `all` on another.
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = genseg::choice::<SplitChoice>(genseg::names::SPLIT))]
     split: Option<SplitChoice>,
     /// Report folder; default: `<run>/eval-<dataset>-<split>`.
     #[arg(long)]

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
-use genseg::generate::{GenerateOptions, OutputLayout, generate};
-use genseg::run_dir::Which;
-use genseg::synth::PostChoice;
+use genseg::progress::Terminal;
+use genseg_pipelines::generate::{GenerateOptions, OutputLayout, generate};
+use genseg_pipelines::methods::separate::PostChoice;
+use genseg_pipelines::run_dir::Which;
 
 /// Arguments of `genseg generate`.
 #[derive(Args, Debug)]
@@ -16,7 +17,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     generator: PathBuf,
     /// Which of its checkpoints.
-    #[arg(long, value_enum, default_value_t = Which::Best)]
+    #[arg(long, value_parser = genseg::choice::<Which>(genseg::names::CHECKPOINT), default_value = "best")]
     checkpoint: Which,
     /// Source of masks: any dataset folder (its masks are used) or a folder of mask images.
     #[arg(long)]
@@ -31,13 +32,13 @@ pub struct GenerateArgs {
     #[arg(long)]
     out: PathBuf,
     /// Output layout.
-    #[arg(long, value_enum, default_value_t = OutputLayout::Folder)]
+    #[arg(long, value_parser = genseg::choice::<OutputLayout>(genseg::names::LAYOUT), default_value = "folder")]
     layout: OutputLayout,
     /// Images synthesised (and min-max normalised) together.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Post-processing: auto (equalise + gamma when the generator's data was), min_max, xray, rgb.
-    #[arg(long, value_enum, default_value_t = PostChoice::Auto)]
+    #[arg(long, value_parser = genseg::choice::<PostChoice>(genseg::names::POSTPROCESS), default_value = "auto")]
     postprocess: PostChoice,
     /// Paint the masks as they are instead of augmenting them first.
     #[arg(long)]
@@ -58,7 +59,7 @@ pub fn run(args: GenerateArgs, device: &Device) -> Result<()> {
         postprocess: args.postprocess,
         augment: !args.no_augment,
     };
-    let outcome = generate(&opts, device)?;
+    let outcome = generate(&opts, device, &mut Terminal::default())?;
     println!(
         "{} synthetic pair(s) of {}x{} ({} channel(s)) from {} mask(s) -> {}",
         outcome.n,

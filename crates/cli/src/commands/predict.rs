@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
-use genseg::run_dir::Which;
+use genseg_pipelines::run_dir::Which;
 
 /// Arguments of `genseg predict`.
 #[derive(Args, Debug)]
@@ -14,7 +14,7 @@ pub struct PredictArgs {
     #[arg(long)]
     run: PathBuf,
     /// Which checkpoint.
-    #[arg(long, value_enum, default_value_t = Which::Best)]
+    #[arg(long, value_parser = genseg::choice::<Which>(genseg::names::CHECKPOINT), default_value = "best")]
     checkpoint: Which,
     /// An image file or a folder of images.
     #[arg(long)]
@@ -26,7 +26,13 @@ pub struct PredictArgs {
 
 /// Runs `genseg predict`.
 pub fn run(args: PredictArgs, device: &Device) -> Result<()> {
-    let n = genseg::predict::predict(&args.run, args.checkpoint, &args.input, &args.out, device)?;
+    let n = genseg_pipelines::predict::predict(
+        &args.run,
+        args.checkpoint,
+        &args.input,
+        &args.out,
+        device,
+    )?;
     println!(
         "segmented {n} image(s) -> {}/masks, {}/overlays",
         args.out.display(),

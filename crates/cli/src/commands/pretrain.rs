@@ -6,11 +6,12 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::Args;
-use genseg::config::Profile;
-use genseg::overrides::layered;
+use genseg::progress::Terminal;
+use genseg_pipelines::config::Profile;
+use genseg_pipelines::overrides::layered;
 
 use super::run_flags::RunFlags;
-use genseg::pretrain::PretrainConfig;
+use genseg_pipelines::config::RunConfig;
 
 /// Arguments of `genseg pretrain-generator`.
 #[derive(Args, Debug)]
@@ -21,7 +22,7 @@ pub struct PretrainArgs {
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
     /// Starting configuration.
-    #[arg(long, value_enum, default_value_t = Profile::Cpu)]
+    #[arg(long, value_parser = genseg::choice::<Profile>(genseg::names::PROFILE), default_value = "cpu")]
     profile: Profile,
     /// A TOML file layered over the profile.
     #[arg(long)]
@@ -36,9 +37,9 @@ pub struct PretrainArgs {
 
 impl PretrainArgs {
     /// Profile -> config file -> `--set` -> explicit flags.
-    fn resolve(&self) -> Result<PretrainConfig> {
+    fn resolve(&self) -> Result<RunConfig> {
         let mut cfg = layered(
-            &PretrainConfig::profile(self.profile),
+            &RunConfig::pix2pix(self.profile),
             self.config.as_deref(),
             &self.sets,
         )?;
@@ -50,14 +51,22 @@ impl PretrainArgs {
 /// Runs `genseg pretrain-generator`.
 pub fn run(args: PretrainArgs, device: &Device, stop: &AtomicBool) -> Result<()> {
     let outcome = match &args.resume {
-        Some(run) => genseg::pretrain::resume(run, device, stop)?,
+        Some(run) => {
+            genseg_pipelines::methods::pix2pix::resume(run, device, stop, &mut Terminal::default())?
+        }
         None => {
             let cfg = args.resolve()?;
             let out = args
                 .out
                 .as_ref()
                 .expect("clap requires --out without --resume");
-            genseg::pretrain::pretrain(cfg, out, device, stop)?
+            genseg_pipelines::methods::pix2pix::pretrain(
+                cfg,
+                out,
+                device,
+                stop,
+                &mut Terminal::default(),
+            )?
         }
     };
     println!(

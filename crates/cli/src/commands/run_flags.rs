@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use genseg::config::DataSection;
+use genseg_pipelines::config::DataSection;
 
 /// Dataset, regime and seed flags (they win over config file and `--set`).
 #[derive(Args, Debug)]

@@ -6,8 +6,9 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::Args;
-use genseg::config::{Method, Profile, RunConfig};
-use genseg::overrides::layered;
+use genseg::progress::Terminal;
+use genseg_pipelines::config::{Method, Profile, RunConfig};
+use genseg_pipelines::overrides::layered;
 
 use super::run_flags::RunFlags;
 
@@ -15,7 +16,7 @@ use super::run_flags::RunFlags;
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Training method (overrides `method` of the config).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = genseg::choice::<Method>(genseg::names::METHOD))]
     method: Option<Method>,
     #[command(flatten)]
     run: RunFlags,
@@ -27,7 +28,7 @@ pub struct TrainArgs {
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
     /// Starting configuration.
-    #[arg(long, value_enum, default_value_t = Profile::Cpu)]
+    #[arg(long, value_parser = genseg::choice::<Profile>(genseg::names::PROFILE), default_value = "cpu")]
     profile: Profile,
     /// A TOML file layered over the profile.
     #[arg(long)]
@@ -69,14 +70,16 @@ impl TrainArgs {
 /// Runs `genseg train`.
 pub fn run(args: TrainArgs, device: &Device, stop: &AtomicBool) -> Result<()> {
     let outcome = match &args.resume {
-        Some(run) => genseg::train::resume(run, device, stop)?,
+        Some(run) => {
+            genseg_pipelines::methods::resume(run, device, stop, &mut Terminal::default())?
+        }
         None => {
             let cfg = args.resolve()?;
             let out = args
                 .out
                 .as_ref()
                 .expect("clap requires --out without --resume");
-            genseg::train::train(cfg, out, device, stop)?
+            genseg_pipelines::methods::train(cfg, out, device, stop, &mut Terminal::default())?
         }
     };
     let mut line = format!(

@@ -91,7 +91,10 @@ fn tiles(g: &ConvGeometry, elements: usize) -> Vec<(usize, usize)> {
 /// A raw pointer that tiles writing disjoint parts of one buffer may share.
 #[derive(Clone, Copy)]
 struct SharedMut<T>(*mut T);
+// SAFETY: the pointer is only dereferenced by tasks that write disjoint ranges of a buffer
+// that outlives them (each caller says which); `T: Send` moves the values themselves.
 unsafe impl<T: Send> Send for SharedMut<T> {}
+// SAFETY: as for Send: shared access never writes one element from two tasks.
 unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {
@@ -287,6 +290,7 @@ fn forward_into<T: Real>(g: &ConvGeometry, x: &[T], w: &[T], tiles: &[(usize, us
         let weights = view(w.as_ptr(), k);
         // SAFETY: the tile writes columns [n0, n1) of image b's rows only; views are in bounds.
         if g.is_pointwise() {
+            // SAFETY: see above.
             unsafe {
                 matmul(
                     (g.c_out, n1 - n0, k),
@@ -301,6 +305,7 @@ fn forward_into<T: Real>(g: &ConvGeometry, x: &[T], w: &[T], tiles: &[(usize, us
         } else {
             T::with_scratch(k * (n1 - n0), |cols| {
                 unfold(g, x_b, n0, n1, cols);
+                // SAFETY: see above; `cols` holds the unfolded tile, k x (n1 - n0).
                 unsafe {
                     matmul(
                         (g.c_out, n1 - n0, k),
@@ -348,6 +353,8 @@ pub(crate) fn input_gradient<T: Real>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Ve
             unsafe { std::slice::from_raw_parts_mut(out.at(b * g.in_image()), g.in_image()) };
         for &(n0, n1) in &tiles {
             T::with_scratch(k * (n1 - n0), |cols| {
+                // SAFETY: `cols` is this task's scratch of k x (n1 - n0); the reads of
+                // `weights_t` and `dy_b` are in bounds of their slices.
                 unsafe {
                     matmul(
                         (k, n1 - n0, g.c_out),

@@ -188,6 +188,7 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
+    /// The layer of `weight`, `bias` and `config` (tensors are used as they are).
     pub fn new(weight: Tensor, bias: Option<Tensor>, config: Conv2dConfig) -> Self {
         Self {
             weight,
@@ -196,14 +197,17 @@ impl Conv2d {
         }
     }
 
+    /// The kernel.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
+    /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
+    /// Padding, stride, dilation (and output padding, groups).
     pub fn config(&self) -> &Conv2dConfig {
         &self.config
     }
@@ -228,6 +232,7 @@ pub struct ConvTranspose2d {
 }
 
 impl ConvTranspose2d {
+    /// The layer of `weight`, `bias` and `config` (tensors are used as they are).
     pub fn new(weight: Tensor, bias: Option<Tensor>, config: ConvTranspose2dConfig) -> Self {
         Self {
             weight,
@@ -236,14 +241,17 @@ impl ConvTranspose2d {
         }
     }
 
+    /// The kernel.
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
+    /// The bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
+    /// Padding, stride, dilation (and output padding, groups).
     pub fn config(&self) -> &ConvTranspose2dConfig {
         &self.config
     }

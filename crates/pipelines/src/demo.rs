@@ -18,11 +18,11 @@ use genseg_data::phantom::{PhantomConfig, PhantomKind, write_phantoms};
 
 use crate::config::{DataSection, Method, Profile, RunConfig};
 use crate::evaluate::{SplitChoice, evaluate_run};
-use crate::pretrain::PretrainConfig;
+use crate::learner::Observer;
 use crate::run_dir::Which;
 
 /// The demo's sizes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DemoConfig {
     /// Everything goes here (replaced on each run).
     pub out: PathBuf,
@@ -105,7 +105,12 @@ fn use_pool(data: &mut DataSection, cfg: &DemoConfig, pool: &Path) {
 }
 
 /// Runs the demo; `None` when interrupted (Ctrl-C).
-pub fn demo(cfg: &DemoConfig, device: &Device, stop: &AtomicBool) -> Result<Option<DemoReport>> {
+pub fn demo(
+    cfg: &DemoConfig,
+    device: &Device,
+    stop: &AtomicBool,
+    observer: &mut dyn Observer,
+) -> Result<Option<DemoReport>> {
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let (pool, shifted) = (
@@ -135,13 +140,13 @@ pub fn demo(cfg: &DemoConfig, device: &Device, stop: &AtomicBool) -> Result<Opti
         shifted.display()
     );
 
-    let mut pcfg = PretrainConfig::profile(Profile::Cpu);
+    let mut pcfg = RunConfig::pix2pix(Profile::Cpu);
     pcfg.seed = cfg.seed;
     use_pool(&mut pcfg.data, cfg, &pool);
     pcfg.train.iterations = cfg.pretrain_iterations;
     pcfg.train.val_every = cfg.pretrain_iterations.div_ceil(3).max(1);
     let generator = runs.join("pix2pix");
-    let pre = crate::pretrain::pretrain(pcfg, &generator, device, stop)?;
+    let pre = crate::methods::pix2pix::pretrain(pcfg, &generator, device, stop, observer)?;
     if pre.interrupted {
         return Ok(None);
     }
@@ -158,7 +163,7 @@ pub fn demo(cfg: &DemoConfig, device: &Device, stop: &AtomicBool) -> Result<Opti
         rc.separate.generator = generator.clone();
         rc.genseg.generator = generator.clone();
         let run = runs.join(method.to_string());
-        let outcome = crate::train::train(rc, &run, device, stop)?;
+        let outcome = crate::methods::train(rc, &run, device, stop, observer)?;
         if outcome.interrupted {
             return Ok(None);
         }

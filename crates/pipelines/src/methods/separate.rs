@@ -18,16 +18,21 @@ use genseg_masks::{MaskAugmentConfig, MaskAugmenter};
 use genseg_nn::checkpoint::Checkpoint;
 use genseg_nn::params::ParamStore;
 use genseg_nn::rng::SeededRng;
-use image::GrayImage;
 use serde::{Deserialize, Serialize};
 
-use crate::pretrain::{GENERATOR_PREFIX, PretrainConfig, build_generator, with_prefix};
+use genseg_data::writer::masks_to_tensor;
+use genseg_generator::pix2pix::{GENERATOR_PREFIX, build_generator};
+use genseg_nn::checkpoint::with_prefix;
+
+use super::baseline::ExtraTerm;
+use super::pix2pix::read_generator_run;
+use crate::config::RunConfig;
 use crate::run_dir::{RunDir, Which};
+use crate::seeding::{Purpose, rng_for, seed_for};
 
 /// How synthetic images are post-processed before use (spec §2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
 pub enum PostChoice {
     /// `xray` with the data's gamma when the data is 1-channel and `data.equalize_gamma > 0`
     /// (the real images are equalised then), otherwise `min_max`.
@@ -68,7 +73,7 @@ impl PostChoice {
 /// A generator loaded from a pre-training run.
 pub struct LoadedGenerator {
     /// The pre-training run's configuration.
-    pub config: PretrainConfig,
+    pub config: RunConfig,
     /// The checkpoint folder the weights came from.
     pub checkpoint: PathBuf,
     /// Holds the generator's tensors.
@@ -92,12 +97,7 @@ impl LoadedGenerator {
 pub fn load_generator(run: &Path, which: Which, device: &Device) -> Result<LoadedGenerator> {
     let dir =
         RunDir::open(run).with_context(|| format!("opening generator run {}", run.display()))?;
-    let config: PretrainConfig = dir.read_config().with_context(|| {
-        format!(
-            "{} is not a generator pre-training run (made by `genseg pretrain-generator`)",
-            run.display()
-        )
-    })?;
+    let config = read_generator_run(&dir)?;
     let ckpt_dir = dir.checkpoint(which);
     anyhow::ensure!(
         ckpt_dir.join("state.json").is_file(),
@@ -107,7 +107,11 @@ pub fn load_generator(run: &Path, which: Which, device: &Device) -> Result<Loade
     );
     let ckpt = Checkpoint::load(&ckpt_dir)
         .with_context(|| format!("loading generator checkpoint {}", ckpt_dir.display()))?;
-    let (store, generator) = build_generator(&config.generator, config.seed, device)?;
+    let (store, generator) = build_generator(
+        &config.generator,
+        seed_for(config.seed, Purpose::GeneratorWeights),
+        device,
+    )?;
     store
         .load_named_tensors(&with_prefix(&ckpt.weights, GENERATOR_PREFIX), true)
         .with_context(|| format!("loading the generator from {}", ckpt_dir.display()))?;
@@ -117,27 +121,6 @@ pub fn load_generator(run: &Path, which: Which, device: &Device) -> Result<Loade
         store,
         generator,
     })
-}
-
-/// Masks `[B, 1, H, W]` in `{0, 1}` from gray images (non-zero = foreground).
-pub fn masks_to_tensor(masks: &[GrayImage], device: &Device) -> Result<Tensor> {
-    let first = masks.first().context("no masks to convert")?;
-    let (w, h) = first.dimensions();
-    let mut values = Vec::with_capacity(masks.len() * (w * h) as usize);
-    for m in masks {
-        anyhow::ensure!(
-            m.dimensions() == (w, h),
-            "masks of {}x{} and {w}x{h} in one batch",
-            m.width(),
-            m.height()
-        );
-        values.extend(m.pixels().map(|p| f32::from(u8::from(p.0[0] > 0))));
-    }
-    Ok(Tensor::from_vec(
-        values,
-        (masks.len(), 1, h as usize, w as usize),
-        device,
-    )?)
 }
 
 /// A frozen generator with the mask augmentation and post-processing around it.
@@ -199,6 +182,71 @@ impl Synthesizer {
     }
 }
 
+/// The extra loss term of `--method separate`: the batch's masks augmented afresh and
+/// painted by the frozen generator of `separate.generator`.
+pub struct SyntheticTerm {
+    synth: Synthesizer,
+    seed: u64,
+}
+
+impl SyntheticTerm {
+    /// Loads the generator of `cfg.separate` and checks it against the data: same image size
+    /// and channels.
+    pub fn new(cfg: &RunConfig, channels: usize, device: &Device) -> Result<Self> {
+        let s = &cfg.separate;
+        let loaded = load_generator(&s.generator, s.checkpoint, device)?;
+        anyhow::ensure!(
+            loaded.image_size() == cfg.data.size as usize,
+            "generator run {} makes {} px images but data.size is {}: pre-train at the same \
+             size or set data.size={}",
+            s.generator.display(),
+            loaded.image_size(),
+            cfg.data.size,
+            loaded.image_size()
+        );
+        anyhow::ensure!(
+            loaded.channels() == channels,
+            "generator run {} makes {}-channel images but {} has {} channel(s)",
+            s.generator.display(),
+            loaded.channels(),
+            cfg.data.path.display(),
+            channels
+        );
+        let post = s.postprocess.config(channels, cfg.data.equalize_gamma);
+        tracing::info!(
+            "separate: generator {} (iteration {}), post-processing {:?}",
+            loaded.checkpoint.display(),
+            loaded.config.train.iterations,
+            post.steps
+        );
+        Ok(Self {
+            synth: Synthesizer::new(loaded, post)?,
+            seed: cfg.seed,
+        })
+    }
+}
+
+impl ExtraTerm for SyntheticTerm {
+    fn key(&self) -> &'static str {
+        "loss_synthetic"
+    }
+
+    fn label(&self) -> &'static str {
+        "synthetic"
+    }
+
+    fn batch(&self, _images: &Tensor, masks: &Tensor, it: u64) -> Result<(Tensor, Tensor)> {
+        let seed = self.seed;
+        let batch = self.synth.synthesize(
+            masks,
+            Some(&mut rng_for(seed, Purpose::MaskAugment, it)),
+            &mut rng_for(seed, Purpose::GeneratorDropout, it),
+            &mut rng_for(seed, Purpose::PostProcess, it),
+        )?;
+        Ok((batch.images, batch.masks))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,17 +271,5 @@ mod tests {
                 gamma: 0.8f32 as f64
             }
         );
-    }
-
-    #[test]
-    fn masks_round_trip_and_mixed_sizes_fail() -> Result<()> {
-        let mut a = GrayImage::new(4, 3);
-        a.put_pixel(1, 2, image::Luma([255]));
-        let t = masks_to_tensor(&[a.clone(), GrayImage::new(4, 3)], &Device::Cpu)?;
-        assert_eq!(t.dims(), &[2, 1, 3, 4]);
-        assert_eq!(t.sum_all()?.to_scalar::<f32>()?, 1.0);
-        assert_eq!(masks_from_tensor(&t, 0.5)?[0].get_pixel(1, 2).0, [1]);
-        assert!(masks_to_tensor(&[a, GrayImage::new(3, 3)], &Device::Cpu).is_err());
-        Ok(())
     }
 }

@@ -38,7 +38,7 @@ use serde::Serialize;
 pub const LEARNING_RATE: f64 = 1e-4;
 
 /// Which network a step trains.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BenchModel {
     /// The segmentation UNet.
@@ -50,6 +50,7 @@ pub enum BenchModel {
 /// What to time (see the module docs).
 #[derive(Clone, Debug, Serialize)]
 pub struct StepBenchConfig {
+    /// The network trained.
     pub model: BenchModel,
     /// UNet base width, or the generator's `ngf`.
     pub base: usize,
@@ -58,6 +59,7 @@ pub struct StepBenchConfig {
     pub channels: usize,
     /// Square image side in pixels.
     pub size: usize,
+    /// Images per step.
     pub batch: usize,
     /// Timed steps.
     pub steps: usize,
@@ -72,6 +74,7 @@ pub struct StepBenchConfig {
 pub struct StepBenchReport {
     /// `"genseg"` (the PyTorch script writes `"torch"`).
     pub side: &'static str,
+    /// What was timed.
     pub config: StepBenchConfig,
     /// Trainable parameters (BatchNorm running statistics excluded).
     pub params: usize,

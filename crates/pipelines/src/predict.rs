@@ -57,11 +57,11 @@ pub fn predict(
 ) -> Result<usize> {
     let loaded = load_run(run_dir, which, device)?;
     let data_cfg = loaded.cfg.data.data_config()?;
-    let channels = loaded.cfg.model.unet.in_channels;
+    let channels = loaded.cfg.model.in_channels();
     let files = input_files(input)?;
     for file in &files {
         let image = decode(file)?;
-        let mask = segment(&loaded.model, &image, &data_cfg, channels, device)
+        let mask = segment(loaded.model.as_ref(), &image, &data_cfg, channels, device)
             .with_context(|| format!("segmenting {}", file.display()))?;
         let stem = file
             .file_stem()

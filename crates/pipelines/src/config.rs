@@ -8,22 +8,26 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::Var;
+use genseg_backbones::SegModel;
 use genseg_backbones::loss::SegLoss;
 use genseg_backbones::metrics::MetricOptions;
-use genseg_backbones::unet::UNetConfig;
+use genseg_backbones::unet::{UNet, UNetConfig};
 use genseg_data::dataset::{DataConfig, ImageSize};
 use genseg_data::layout::LayoutChoice;
 use genseg_data::preprocess::{ChannelPolicy, ImageFilter, MaskRule};
+use genseg_generator::discriminator::DiscriminatorConfig;
+use genseg_generator::generator::GeneratorConfig;
+use genseg_generator::loss::LossConfig;
 use genseg_nn::optim::{Adam, AdamConfig, Optimizer, RmsProp, RmsPropConfig, Sgd, SgdConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::methods::separate::PostChoice;
 use crate::run_dir::Which;
-use crate::synth::PostChoice;
 
 /// Starting points for a run's configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Profile {
     /// The reference's settings: 256 px, UNet base 64, RMSprop lr 1e-4
@@ -36,7 +40,7 @@ pub enum Profile {
 }
 
 /// How the segmentation model is trained.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     /// Real pairs only.
@@ -54,11 +58,27 @@ pub enum Method {
     /// GenSeg end to end: generator, segmenter and the generator's architecture trained
     /// together by multi-level optimisation (`[genseg]`, docs/method.md).
     Genseg,
+    /// pix2pix pre-training of the mask-to-image generator (`genseg pretrain-generator`):
+    /// `[generator]`, `[discriminator]` and `[gan]` trained by `[train]` (Adam).
+    Pix2pix,
 }
 
-impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Method {
+    /// Every method, in the order of the docs.
+    pub const ALL: [Method; 8] = [
+        Method::Baseline,
+        Method::Flip,
+        Method::Rotate,
+        Method::Translate,
+        Method::Combine,
+        Method::Separate,
+        Method::Genseg,
+        Method::Pix2pix,
+    ];
+
+    /// The name used on the command line and in config files.
+    pub fn name(self) -> &'static str {
+        match self {
             Method::Baseline => "baseline",
             Method::Flip => "flip",
             Method::Rotate => "rotate",
@@ -66,8 +86,28 @@ impl std::fmt::Display for Method {
             Method::Combine => "combine",
             Method::Separate => "separate",
             Method::Genseg => "genseg",
-        })
+            Method::Pix2pix => "pix2pix",
+        }
     }
+
+    /// Whether the method uses a pre-trained generator (`separate`, `genseg`).
+    pub fn uses_generator(self) -> bool {
+        matches!(self, Method::Separate | Method::Genseg)
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses the snake_case name of a config enum (`separate`, `min_max`, `best`, ...), the
+/// spelling config files use; the error lists what `what` accepts.
+pub fn parse_name<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T> {
+    use serde::de::IntoDeserializer;
+    let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> = s.into_deserializer();
+    T::deserialize(de).map_err(|e| anyhow::anyhow!("{what} `{s}`: {e}"))
 }
 
 /// `[data]`: where the labelled pool is and how it is read and split.
@@ -103,7 +143,6 @@ pub struct DataSection {
 impl DataSection {
     /// Loads the dataset folder `path` with this section's preprocessing.
     pub fn load(&self, path: &std::path::Path) -> Result<genseg_data::dataset::Dataset> {
-        use anyhow::Context;
         genseg_data::dataset::Dataset::load(path, &self.data_config()?)
             .with_context(|| format!("loading dataset {}", path.display()))
     }
@@ -156,14 +195,46 @@ pub fn parse_mask_rule(s: &str) -> Result<Option<MaskRule>> {
 }
 
 /// Which backbone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
-    /// [`genseg_backbones::unet::UNet`].
+    /// [`genseg_backbones::unet::UNet`] (`kind = "unet"`).
     Unet,
+    /// A backbone registered at run time with [`register_backbone`], by name
+    /// (`kind = { registered = "name" }`); its settings are `model.options`.
+    Registered(String),
 }
 
-/// `[model]`.
+/// Builds a registered backbone from its input channels, `model.options` and a
+/// `VarBuilder`.
+pub type BackboneBuilder =
+    fn(usize, &toml::Table, candle_nn::VarBuilder) -> Result<Box<dyn SegModel>>;
+
+static REGISTRY: std::sync::Mutex<std::collections::BTreeMap<String, BackboneBuilder>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Makes a backbone of your own available to every pipeline as
+/// `model.kind = { registered = "<name>" }` (training, evaluation and prediction of its
+/// runs), without touching the pipelines. Registering a name again replaces its builder.
+pub fn register_backbone(name: &str, builder: BackboneBuilder) {
+    REGISTRY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(name.to_string(), builder);
+}
+
+fn registered(name: &str) -> Result<BackboneBuilder> {
+    let registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+    registry.get(name).copied().ok_or_else(|| {
+        anyhow::anyhow!(
+            "model.kind: no backbone registered as `{name}` (registered: [{}]; built in: unet)",
+            registry.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })
+}
+
+/// `[model]`: the segmentation backbone. A new backbone is a file in genseg-backbones, a
+/// [`ModelKind`] variant and its arms below.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -171,6 +242,55 @@ pub struct ModelSection {
     pub kind: ModelKind,
     /// `[model.unet]`; `in_channels` is set from the data.
     pub unet: UNetConfig,
+    /// Input channels of a registered backbone (set from the data).
+    #[serde(default)]
+    pub in_channels: usize,
+    /// Settings of a registered backbone, passed to its builder as they are.
+    #[serde(default)]
+    pub options: toml::Table,
+}
+
+impl ModelSection {
+    /// Builds the configured backbone (already fitted to the data) from `vb`.
+    pub fn build(&self, vb: candle_nn::VarBuilder) -> Result<Box<dyn SegModel>> {
+        Ok(match &self.kind {
+            ModelKind::Unet => Box::new(UNet::new(&self.unet, vb)?),
+            ModelKind::Registered(name) => registered(name)?(self.in_channels, &self.options, vb)?,
+        })
+    }
+
+    /// Sets what follows from the data: the input channels.
+    pub fn fit_to_data(&mut self, channels: usize) {
+        self.in_channels = channels;
+        if self.kind == ModelKind::Unet {
+            self.unet.in_channels = channels;
+        }
+    }
+
+    /// Input channels the backbone was built for.
+    pub fn in_channels(&self) -> usize {
+        match self.kind {
+            ModelKind::Unet => self.unet.in_channels,
+            ModelKind::Registered(_) => self.in_channels,
+        }
+    }
+
+    /// Checks the backbone's settings against the image side `size`.
+    pub fn validate(&self, size: u32) -> Result<()> {
+        match &self.kind {
+            ModelKind::Unet => {
+                anyhow::ensure!(
+                    size >= self.unet.min_input_size() as u32,
+                    "data.size {} is smaller than the UNet's minimum {} (depth {})",
+                    size,
+                    self.unet.min_input_size(),
+                    self.unet.depth
+                );
+                self.unet.validate()
+            }
+            ModelKind::Registered(name) => registered(name).map(|_| ()),
+        }
+    }
 }
 
 /// Optimizer families.
@@ -209,6 +329,10 @@ pub struct TrainSection {
     pub beta2: f64,
     /// The segmentation loss terms.
     pub loss: SegLoss,
+    /// λ, the weight of the second loss term of every method that has one: the augmented
+    /// copy (flip, rotate, translate, combine) or the synthetic pairs (separate, genseg).
+    /// 1 in the reference.
+    pub lambda: f64,
     /// Validate (and keep the best checkpoint) every this many iterations.
     pub val_every: u64,
     /// Write a line to metrics.jsonl every this many iterations.
@@ -258,8 +382,6 @@ impl TrainSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AugmentSection {
-    /// Weight of the augmented-copy loss term (1 in the reference).
-    pub weight: f64,
     /// Rotation angle in degrees, applied with a random sign.
     pub rotate_degrees: f64,
     /// Translation as a fraction of the image side, per axis, with random
@@ -277,8 +399,6 @@ pub struct SeparateSection {
     pub generator: PathBuf,
     /// Which of its checkpoints: `best` (lowest validation L1) or `last`.
     pub checkpoint: Which,
-    /// Weight λ of the synthetic loss term (1 in the reference).
-    pub weight: f64,
     /// Post-processing of synthetic images: `auto`, `min_max`, `xray` or `rgb`.
     pub postprocess: PostChoice,
 }
@@ -288,7 +408,6 @@ impl Default for SeparateSection {
         Self {
             generator: PathBuf::new(),
             checkpoint: Which::Best,
-            weight: 1.0,
             postprocess: PostChoice::Auto,
         }
     }
@@ -312,8 +431,6 @@ pub struct GensegSection {
     pub pretrain_profile: Profile,
     /// Iterations of the automatic pre-training; 0 = the profile's.
     pub pretrain_iterations: u64,
-    /// λ, the weight of the synthetic loss term (1 in the reference).
-    pub weight: f64,
     /// Post-processing of synthetic images (`auto`, `min_max`, `xray`, `rgb`); the gradient
     /// passes straight through its 8-bit steps unless `detach_synthetic`.
     pub postprocess: PostChoice,
@@ -333,6 +450,10 @@ pub struct GensegSection {
     pub radius: f64,
     /// Betty's Adam preconditioning of the vector entering the generator hop (on in Betty).
     pub precondition: bool,
+    /// Adam's beta1 of the generator and discriminator (copied from the pre-training run).
+    pub generator_beta1: f64,
+    /// Adam's beta2 of the generator and discriminator (copied from the pre-training run).
+    pub generator_beta2: f64,
     /// Detach synthetic images from the generator, as the released 2-D scripts do (spec
     /// §1.4 F2): no segmentation signal reaches the generator and α never moves.
     pub detach_synthetic: bool,
@@ -349,9 +470,10 @@ impl Default for GensegSection {
             checkpoint: Which::Best,
             pretrain_profile: Profile::Cpu,
             pretrain_iterations: 0,
-            weight: 1.0,
             postprocess: PostChoice::Auto,
             generator_lr: 2e-4,
+            generator_beta1: 0.5,
+            generator_beta2: 0.999,
             arch_lr: 3e-4,
             arch_beta1: 0.5,
             arch_beta2: 0.999,
@@ -398,6 +520,14 @@ pub struct RunConfig {
     /// `[genseg]` (absent from configs written before it existed: defaults).
     #[serde(default)]
     pub genseg: GensegSection,
+    /// `[generator]`: the mask-to-image generator (trained by `pix2pix`, used by `separate`
+    /// and `genseg`, which copy it from their pre-training run); `image_size` and the
+    /// channels are set from the data.
+    pub generator: GeneratorConfig,
+    /// `[discriminator]`: the PatchGAN; `in_channels` is set from the data.
+    pub discriminator: DiscriminatorConfig,
+    /// `[gan]`: the GAN mode and λ_L1 of the generator's objective.
+    pub gan: LossConfig,
     /// `[eval]`: metric options for validation and evaluation.
     pub eval: MetricOptions,
 }
@@ -424,6 +554,8 @@ impl RunConfig {
             model: ModelSection {
                 kind: ModelKind::Unet,
                 unet: UNetConfig::default(),
+                in_channels: 1,
+                options: toml::Table::new(),
             },
             train: TrainSection {
                 iterations: 5000,
@@ -435,12 +567,12 @@ impl RunConfig {
                 beta1: 0.9,
                 beta2: 0.999,
                 loss: SegLoss::lungs(),
+                lambda: 1.0,
                 val_every: 10,
                 log_every: 10,
                 checkpoint_every: 100,
             },
             augment: AugmentSection {
-                weight: 1.0,
                 rotate_degrees: 8.0,
                 translate_fraction: 0.1,
             },
@@ -451,6 +583,9 @@ impl RunConfig {
                 generator_lr: 2e-6,
                 ..GensegSection::default()
             },
+            generator: GeneratorConfig::default(),
+            discriminator: DiscriminatorConfig::default(),
+            gan: LossConfig::default(),
             eval: MetricOptions::default(),
         };
         match profile {
@@ -463,6 +598,8 @@ impl RunConfig {
                 // after ~150 iterations.
                 cpu.data.size = 64;
                 cpu.model.unet.base_width = 16;
+                cpu.generator.ngf = 16;
+                cpu.discriminator.ndf = 16;
                 cpu.genseg = GensegSection::default();
                 cpu.train.iterations = 300;
                 cpu.train.batch_size = 2;
@@ -474,7 +611,48 @@ impl RunConfig {
         }
     }
 
-    /// Checks the numbers that the sections cannot check alone.
+    /// The defaults of a generator pre-training run (`method = "pix2pix"`): the profile's
+    /// data and networks, trained by Adam with pix2pix's betas (0.5, 0.999).
+    ///
+    /// `paper`: 256 px, ngf = ndf = 64, batch 2, lr 2e-5, 800 iterations (≈ 200 epochs of a
+    /// 7-image split, the reference's epoch count). `cpu`: measured on 2 cores
+    /// (docs/method.md): 64 px, ngf = ndf = 16, batch 4, lr 2e-4 (pix2pix's default; at
+    /// 2e-5 the lung phantoms' validation L1 after 50 iterations is 0.36 instead of 0.07),
+    /// 200 iterations (it plateaus by then).
+    pub fn pix2pix(profile: Profile) -> Self {
+        let mut cfg = Self::profile(profile);
+        cfg.method = Method::Pix2pix;
+        let t = &mut cfg.train;
+        t.optimizer = OptimizerKind::Adam;
+        t.momentum = 0.0;
+        t.weight_decay = 0.0;
+        t.beta1 = 0.5;
+        t.beta2 = 0.999;
+        t.log_every = 10;
+        match profile {
+            Profile::Paper => {
+                (t.iterations, t.batch_size, t.lr) = (800, 2, 2e-5);
+                (t.val_every, t.checkpoint_every) = (100, 100);
+            }
+            Profile::Cpu => {
+                (t.iterations, t.batch_size, t.lr) = (200, 4, 2e-4);
+                (t.val_every, t.checkpoint_every) = (50, 50);
+            }
+        }
+        cfg
+    }
+
+    /// Sets what follows from the data's channels: the backbone's input, the generator's
+    /// image size and channels and the discriminator's input.
+    pub fn fit_to_data(&mut self, channels: usize) {
+        self.model.fit_to_data(channels);
+        self.generator.image_size = self.data.size as usize;
+        self.generator.in_channels = 1;
+        self.generator.out_channels = channels;
+        self.discriminator.in_channels = 1 + channels;
+    }
+
+    /// Checks the numbers that the sections cannot check alone (for the run's method).
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
         anyhow::ensure!(t.iterations > 0, "train.iterations must be > 0");
@@ -488,37 +666,30 @@ impl RunConfig {
             t.val_every > 0 && t.log_every > 0 && t.checkpoint_every > 0,
             "train.val_every, log_every and checkpoint_every must be > 0"
         );
+        anyhow::ensure!(self.data.n_train > 0, "data.n_train must be > 0");
+        self.data.data_config()?;
+        if self.method == Method::Pix2pix {
+            return self.validate_generator();
+        }
         anyhow::ensure!(
             !t.loss.terms.is_empty(),
             "train.loss needs at least one term"
         );
+        self.model.validate(self.data.size)?;
         anyhow::ensure!(
-            self.data.size >= self.model.unet.min_input_size() as u32,
-            "data.size {} is smaller than the UNet's minimum {} (depth {})",
-            self.data.size,
-            self.model.unet.min_input_size(),
-            self.model.unet.depth
+            t.lambda.is_finite() && t.lambda >= 0.0,
+            "train.lambda {} must be a number >= 0",
+            t.lambda
         );
-        anyhow::ensure!(self.data.n_train > 0, "data.n_train must be > 0");
         if self.method == Method::Separate {
             anyhow::ensure!(
                 !self.separate.generator.as_os_str().is_empty(),
                 "--method separate needs a pre-trained generator: pass --generator <run> \
                  (separate.generator)"
             );
-            anyhow::ensure!(
-                self.separate.weight.is_finite() && self.separate.weight >= 0.0,
-                "separate.weight {} must be a number >= 0",
-                self.separate.weight
-            );
         }
         if self.method == Method::Genseg {
             let g = &self.genseg;
-            anyhow::ensure!(
-                g.weight.is_finite() && g.weight >= 0.0,
-                "genseg.weight {} must be a number >= 0",
-                g.weight
-            );
             for (key, v) in [
                 ("genseg.generator_lr", g.generator_lr),
                 ("genseg.arch_lr", g.arch_lr),
@@ -535,9 +706,40 @@ impl RunConfig {
                 "--method genseg needs validation pairs (data.n_val > 0): α is tuned on them"
             );
         }
-        self.model.unet.validate()?;
-        self.data.data_config()?;
         Ok(())
+    }
+
+    /// The checks of a generator pre-training run.
+    fn validate_generator(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.data.n_val > 0 || !self.data.split_file.as_os_str().is_empty(),
+            "data.n_val must be > 0: validation pairs choose the best generator"
+        );
+        let mut g = self.generator.clone();
+        g.image_size = self.data.size as usize;
+        g.validate()
+            .with_context(|| format!("data.size {} for the generator", self.data.size))?;
+        self.discriminator.validate()?;
+        anyhow::ensure!(
+            self.discriminator
+                .output_size(self.data.size as usize)
+                .is_some(),
+            "data.size {} is too small for the discriminator's {} stride-2 layers",
+            self.data.size,
+            self.discriminator.n_layers
+        );
+        Ok(())
+    }
+
+    /// Takes the networks of the generator pre-training run `pre` (made by `pix2pix`):
+    /// `[generator]`, `[discriminator]`, `[gan]` and the Adam betas, so this run's resolved
+    /// config says everything it uses.
+    pub fn adopt_generator(&mut self, pre: &RunConfig) {
+        self.generator = pre.generator.clone();
+        self.discriminator = pre.discriminator.clone();
+        self.gan = pre.gan;
+        self.genseg.generator_beta1 = pre.train.beta1;
+        self.genseg.generator_beta2 = pre.train.beta2;
     }
 
     /// The learning rates of a GenSeg run.

@@ -19,12 +19,16 @@ use genseg_data::writer::{images_from_tensor, write_image, write_mask_png};
 use image::{DynamicImage, GrayImage};
 use serde_json::json;
 
+use genseg_data::writer::masks_to_tensor;
+
+use crate::learner::Observer;
+use crate::methods::separate::{PostChoice, Synthesizer, load_generator};
 use crate::run_dir::Which;
 use crate::seeding::{Purpose, rng_for};
-use crate::synth::{PostChoice, Synthesizer, load_generator, masks_to_tensor};
 
 /// Where the synthetic pairs go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OutputLayout {
     /// `images/<id>.png` + `masks/<id>.png` (0/255).
     Folder,
@@ -33,7 +37,7 @@ pub enum OutputLayout {
 }
 
 /// What `genseg generate` needs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct GenerateOptions {
     /// The pre-training run of the generator.
     pub generator: PathBuf,
@@ -129,7 +133,11 @@ pub struct GenerateOutcome {
 }
 
 /// Writes the synthetic dataset of `opts`.
-pub fn generate(opts: &GenerateOptions, device: &Device) -> Result<GenerateOutcome> {
+pub fn generate(
+    opts: &GenerateOptions,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<GenerateOutcome> {
     anyhow::ensure!(opts.n > 0, "--n must be at least 1");
     anyhow::ensure!(opts.batch_size > 0, "--batch-size must be at least 1");
     if opts.out.exists()
@@ -167,7 +175,7 @@ pub fn generate(opts: &GenerateOptions, device: &Device) -> Result<GenerateOutco
         OutputLayout::Nnunet => Layout::NnUnet.folders(),
     };
     let augmenter = genseg_masks::MaskAugmenter::new(genseg_masks::MaskAugmentConfig::default())?;
-    let bar = indicatif::ProgressBar::new(opts.n as u64);
+    observer.started(opts.n as u64, 0);
     let indices: Vec<usize> = (0..opts.n).collect();
     for (b, chunk) in indices.chunks(opts.batch_size).enumerate() {
         // Per-sample augmentation streams: a sample's mask does not depend on the batch size.
@@ -220,9 +228,9 @@ pub fn generate(opts: &GenerateOptions, device: &Device) -> Result<GenerateOutco
                 }
             }
         }
-        bar.inc(chunk.len() as u64);
+        observer.advanced(chunk.last().map_or(0, |&i| i as u64 + 1));
     }
-    bar.finish_and_clear();
+    observer.finished();
     if opts.layout == OutputLayout::Nnunet {
         // One channel entry: the image is one PNG (grey or RGB), as genseg-data reads it.
         let dataset = json!({

@@ -10,19 +10,20 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use genseg_backbones::SegModel;
-use genseg_backbones::metrics::{binarize_logits, binarize_targets, case_metrics};
-use genseg_backbones::report::{CaseResult, Summary, write_reports};
+use genseg_backbones::evaluate::score_cases;
+use genseg_backbones::report::{Summary, write_reports};
 use genseg_data::dataset::Dataset;
 use genseg_data::preprocess::ChannelPolicy;
 use genseg_data::split::{read_split_file, select_fold};
 use genseg_nn::checkpoint::Checkpoint;
 
 use crate::config::RunConfig;
+use crate::methods::{build_model, segmenter_weights};
 use crate::run_dir::{RunDir, Which};
-use crate::train::build_model;
 
 /// Which cases of the dataset to score.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SplitChoice {
     /// The run's test split (only meaningful on the training dataset).
     Test,
@@ -42,21 +43,7 @@ pub fn evaluate_model(
     dataset_label: &str,
     checkpoint_label: &str,
 ) -> Result<Summary> {
-    let ids = data.ids();
-    let indices: Vec<usize> = (0..data.len()).collect();
-    let mut cases = Vec::with_capacity(data.len());
-    for chunk in indices.chunks(cfg.train.batch_size.max(1)) {
-        let (x, y) = data.batch(chunk, device)?;
-        let logits = model.forward_t(&x, false)?;
-        let preds = binarize_logits(&logits)?;
-        let truths = binarize_targets(&y)?;
-        for ((&i, p), t) in chunk.iter().zip(&preds).zip(&truths) {
-            cases.push(CaseResult {
-                id: ids[i].clone(),
-                metrics: case_metrics(p, t, &cfg.eval)?,
-            });
-        }
-    }
+    let cases = score_cases(model, data, cfg.train.batch_size, &cfg.eval, device)?;
     write_reports(out, &cases, &cfg.eval, dataset_label, checkpoint_label)
 }
 
@@ -65,7 +52,7 @@ pub struct LoadedRun {
     /// The run's configuration.
     pub cfg: RunConfig,
     /// The model with the checkpoint's weights.
-    pub model: genseg_backbones::unet::UNet,
+    pub model: Box<dyn SegModel>,
     /// The checkpoint folder it came from.
     pub checkpoint: PathBuf,
 }
@@ -79,7 +66,7 @@ pub fn load_run(run_dir: &Path, which: Which, device: &Device) -> Result<LoadedR
     let ckpt =
         Checkpoint::load(&dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
     store
-        .load_named_tensors(&crate::train::segmenter_weights(&ckpt.weights), true)
+        .load_named_tensors(&segmenter_weights(&ckpt.weights), true)
         .with_context(|| {
             format!(
                 "checkpoint {} does not match the run's model",
@@ -108,7 +95,7 @@ pub fn evaluate_run(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| cfg.data.path.clone());
     // Another domain may have another channel count: convert it to the model's.
-    cfg.data.channels = if cfg.model.unet.in_channels == 1 {
+    cfg.data.channels = if cfg.model.in_channels() == 1 {
         ChannelPolicy::Gray
     } else {
         ChannelPolicy::Rgb
@@ -138,7 +125,7 @@ pub fn evaluate_run(
         }
     };
     let summary = evaluate_model(
-        &loaded.model,
+        loaded.model.as_ref(),
         &data,
         &cfg,
         device,

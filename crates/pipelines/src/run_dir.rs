@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Which checkpoint of a run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Which {
     /// Best validation Dice.
@@ -193,15 +193,6 @@ impl MetricsLog {
             .and_then(|_| self.file.flush())
             .with_context(|| format!("writing {}", self.path.display()))
     }
-}
-
-/// `(iteration, value)` of every record of `lines` that has a number under `key`: one
-/// curve of a plot.
-pub fn series(lines: &[serde_json::Value], key: &str) -> Vec<(f64, f64)> {
-    lines
-        .iter()
-        .filter_map(|v| Some((v.get("iteration")?.as_f64()?, v.get(key)?.as_f64()?)))
-        .collect()
 }
 
 /// All records of a metrics.jsonl file.

@@ -1,14 +1,22 @@
-//! The augmentation baselines of the paper (spec §6): an extra loss term on a
-//! flipped, rotated, translated (or all three, "combine") copy of the real
-//! batch. Geometry is done on the CPU with imageproc (bilinear, zero fill);
-//! warped masks are re-binarised at 0.5.
+//! Geometry applied to an image and its mask together: the augmentation baselines of the
+//! paper (spec §6) add a loss term on a flipped, rotated or translated copy of each real pair.
+//! A [`Geometry`] is drawn per image and warps every `[H, W]` plane of the pair the same way
+//! (imageproc, bilinear, zero fill); callers re-binarise the warped mask.
 
-use candle_core::{DType, Device, Result, Tensor};
 use image::{ImageBuffer, Luma};
 use imageproc::geometric_transformations::{Border, Interpolation, Projection, warp};
 use rand::Rng;
 
-use crate::config::{AugmentSection, Method};
+/// Which transforms a drawn [`Geometry`] combines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PairKinds {
+    /// Mirror left-right (always, when set).
+    pub flip: bool,
+    /// Rotate about the centre by ± the configured angle.
+    pub rotate: bool,
+    /// Shift by ± the configured fraction of each side.
+    pub translate: bool,
+}
 
 /// One geometric transform, drawn per image.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -22,29 +30,29 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// Draws the transform of `method`; random signs keep the copy unbiased.
+    /// Draws a transform of `kinds` for an image of `side = (h, w)`: a rotation by
+    /// ±`rotate_degrees` and a shift by ±`translate_fraction` of each side, with random
+    /// signs so the copy is unbiased (the rotation's sign is drawn first, then x, then y).
     pub fn draw(
-        method: Method,
-        cfg: &AugmentSection,
+        kinds: PairKinds,
+        rotate_degrees: f64,
+        translate_fraction: f64,
         side: (usize, usize),
         rng: &mut impl Rng,
     ) -> Self {
         let mut sign = || if rng.random::<bool>() { 1.0f32 } else { -1.0 };
-        let (flip, rotate, translate) = match method {
-            // The generator methods' extra terms are synthetic, not geometric copies.
-            Method::Baseline | Method::Separate | Method::Genseg => (false, false, false),
-            Method::Flip => (true, false, false),
-            Method::Rotate => (false, true, false),
-            Method::Translate => (false, false, true),
-            Method::Combine => (true, true, true),
-        };
+        let PairKinds {
+            flip,
+            rotate,
+            translate,
+        } = kinds;
         let degrees = if rotate {
-            sign() * cfg.rotate_degrees as f32
+            sign() * rotate_degrees as f32
         } else {
             0.0
         };
         let shift = if translate {
-            let f = cfg.translate_fraction as f32;
+            let f = translate_fraction as f32;
             (sign() * f * side.1 as f32, sign() * f * side.0 as f32)
         } else {
             (0.0, 0.0)
@@ -99,54 +107,9 @@ impl Geometry {
     }
 }
 
-/// An augmented copy of `(images [B,C,H,W], masks [B,1,H,W])`.
-pub fn augment_batch(
-    images: &Tensor,
-    masks: &Tensor,
-    method: Method,
-    cfg: &AugmentSection,
-    rng: &mut impl Rng,
-) -> Result<(Tensor, Tensor)> {
-    let (b, c, h, w) = images.dims4()?;
-    let device: Device = images.device().clone();
-    let imgs = images
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let msks = masks
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let plane = h * w;
-    let mut out_imgs = Vec::with_capacity(imgs.len());
-    let mut out_msks = Vec::with_capacity(msks.len());
-    for i in 0..b {
-        let g = Geometry::draw(method, cfg, (h, w), rng);
-        for ch in 0..c {
-            let start = (i * c + ch) * plane;
-            out_imgs.extend(g.apply(&imgs[start..start + plane], h, w));
-        }
-        let m = g.apply(&msks[i * plane..(i + 1) * plane], h, w);
-        out_msks.extend(m.into_iter().map(|v| if v > 0.5 { 1.0f32 } else { 0.0 }));
-    }
-    let images = Tensor::from_vec(out_imgs, (b, c, h, w), &device)?.to_dtype(images.dtype())?;
-    let masks = Tensor::from_vec(out_msks, (b, 1, h, w), &device)?.to_dtype(masks.dtype())?;
-    Ok((images, masks))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
-    use rand_chacha::ChaCha8Rng;
-
-    fn cfg() -> AugmentSection {
-        AugmentSection {
-            weight: 1.0,
-            rotate_degrees: 8.0,
-            translate_fraction: 0.25,
-        }
-    }
 
     #[test]
     fn flip_mirrors_exactly_and_twice_is_identity() {
@@ -189,34 +152,5 @@ mod tests {
         .apply(&plane, 9, 9);
         assert!((out[4 * 9 + 4] - 1.0).abs() < 1e-5);
         assert!((out[9 + 4] - 1.0).abs() < 1e-5, "{out:?}");
-    }
-
-    #[test]
-    fn batches_keep_shapes_and_binary_masks() -> Result<()> {
-        let dev = Device::Cpu;
-        let images = Tensor::rand(0f32, 1.0, (2, 3, 16, 16), &dev)?;
-        let masks = Tensor::rand(0f32, 1.0, (2, 1, 16, 16), &dev)?
-            .ge(0.5)?
-            .to_dtype(DType::F32)?;
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        for method in [
-            Method::Flip,
-            Method::Rotate,
-            Method::Translate,
-            Method::Combine,
-        ] {
-            let (i, m) = augment_batch(&images, &masks, method, &cfg(), &mut rng)?;
-            assert_eq!(i.dims(), images.dims());
-            assert_eq!(m.dims(), masks.dims());
-            let values = m.flatten_all()?.to_vec1::<f32>()?;
-            assert!(values.iter().all(|v| *v == 0.0 || *v == 1.0));
-        }
-        // Baseline draws the identity.
-        let (i, _) = augment_batch(&images, &masks, Method::Baseline, &cfg(), &mut rng)?;
-        assert_eq!(
-            i.flatten_all()?.to_vec1::<f32>()?,
-            images.flatten_all()?.to_vec1::<f32>()?
-        );
-        Ok(())
     }
 }

@@ -26,13 +26,11 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use genseg_backbones::SegModel;
-use genseg_backbones::unet::UNet;
 use genseg_data::dataset::Dataset;
 use genseg_data::writer::{image_grid, images_from_tensor, write_image};
-use genseg_generator::discriminator::PatchDiscriminator;
 use genseg_generator::generator::Pix2PixGenerator;
-use genseg_generator::loss::{LossConfig, discriminator_loss, generator_loss};
 use genseg_generator::mixed::CANDIDATES;
+use genseg_generator::pix2pix::{DISCRIMINATOR_OPTIMIZER, GENERATOR_OPTIMIZER, Pix2Pix};
 use genseg_generator::postprocess::{GradientPath, PostProcessor};
 use genseg_masks::{MaskAugmentConfig, MaskAugmenter};
 use genseg_mlo::{Engine, Hypergradient, LossFn, Problem, Snapshot};
@@ -41,17 +39,18 @@ use genseg_nn::optim::{Adam, AdamConfig, Optimizer};
 use genseg_nn::params::ParamStore;
 use serde_json::json;
 
-use crate::config::RunConfig;
-use crate::driver::{Cadence, LoopTask, extra_f64, extra_u64, run_loop};
-use crate::plot::{Series, plot_panels};
-use crate::pretrain::{Networks, PretrainConfig, build_networks, without_buffer_updates};
-use crate::run_dir::{MetricsLog, RunDir, Which, read_lines, series};
-use crate::seeding::{Purpose, rng_for, seed_for};
-use crate::synth::masks_to_tensor;
-use crate::train::{
-    PreparedRun, TrainOutcome, batch_indices, build_model, finish_training, keep_if_better,
-    prepare_run, subsets, validation_dice,
+use super::pix2pix::{build_pix2pix, read_generator_run};
+use super::{
+    PreparedRun, SEGMENTER_OPTIMIZER, TrainOutcome, batch_indices, build_model, cadence,
+    finish_training, segmenter_weights, subsets, validation_dice,
 };
+use crate::config::RunConfig;
+use crate::learner::{
+    CheckpointMeta, Color, Curve, Figure, Goal, Learner, Observer, Panel, Pipeline, State,
+    Validation, curve, panel,
+};
+use crate::run_dir::RunDir;
+use crate::seeding::{Purpose, rng_for, seed_for};
 
 /// Where the automatic pre-training of a run without `genseg.generator` goes.
 pub fn pretrain_dir(run: &Path) -> PathBuf {
@@ -67,65 +66,63 @@ fn generator_run(cfg: &RunConfig, run: &RunDir) -> PathBuf {
     }
 }
 
-/// Starts a new GenSeg run in `out`.
+/// Starts the GenSeg run prepared in `prepared`.
 pub fn train(
-    cfg: RunConfig,
-    out: &Path,
+    prepared: PreparedRun,
     device: &Device,
     stop: &AtomicBool,
+    observer: &mut dyn Observer,
 ) -> Result<TrainOutcome> {
-    let PreparedRun { cfg, run, data, .. } = prepare_run(cfg, out)?;
+    let cfg = &prepared.cfg;
     if !cfg.genseg.generator.as_os_str().is_empty() {
         // Fail before config.toml is written when the generator does not fit the data.
-        generator_config(&cfg.genseg.generator, &cfg, data.channels())?;
+        generator_config(&cfg.genseg.generator, cfg, prepared.data.channels())?;
     }
-    run.write_config(&cfg)?;
-    start(cfg, run, device, &data, stop, false)
+    prepared.run.write_config(cfg)?;
+    start(prepared, None, device, stop, observer)
 }
 
-/// Continues the GenSeg run in `run` (its config already read): finishes the automatic
-/// pre-training if it was interrupted, then resumes from `last/`.
+/// Continues the GenSeg run reopened in `prepared` from `ckpt` (its `last/`): finishes the
+/// automatic pre-training if it was interrupted, then resumes.
 pub fn resume(
-    cfg: RunConfig,
-    run: RunDir,
+    prepared: PreparedRun,
+    ckpt: Option<Checkpoint>,
     device: &Device,
     stop: &AtomicBool,
+    observer: &mut dyn Observer,
 ) -> Result<TrainOutcome> {
-    let data = cfg.data.load(&cfg.data.path)?;
-    start(cfg, run, device, &data, stop, true)
+    start(prepared, ckpt, device, stop, observer)
 }
 
 fn start(
-    cfg: RunConfig,
-    run: RunDir,
+    prepared: PreparedRun,
+    ckpt: Option<Checkpoint>,
     device: &Device,
-    data: &Dataset,
     stop: &AtomicBool,
-    resuming: bool,
+    observer: &mut dyn Observer,
 ) -> Result<TrainOutcome> {
-    let split = run.split(&data.ids())?;
-    if !ensure_generator(&cfg, &run, device, stop)? {
+    let PreparedRun {
+        cfg,
+        run,
+        data,
+        split,
+    } = prepared;
+    if !ensure_generator(&cfg, &run, device, stop, observer)? {
         anyhow::bail!(
             "interrupted during the generator pre-training: resume with `genseg train --resume {}`",
             run.root().display()
         );
     }
-    crate::log_to_file(&run.log_path())?;
-    let ckpt = if resuming {
-        run.last_checkpoint()?
-    } else {
-        None
-    };
-    let (train_set, val_set, test_set) = subsets(data, &split)?;
-    let mut task = EndToEnd::new(cfg, run, device, train_set, val_set, ckpt)?;
-    let g = &task.cfg.genseg;
-    let rates = task.cfg.genseg_rates();
+    crate::logging::log_to_file(&run.log_path())?;
+    let (train_set, val_set, test_set) = subsets(&data, &split)?;
+    let g = &cfg.genseg;
+    let rates = cfg.genseg_rates();
     tracing::info!(
         "genseg: generator {} ({}/), λ {}, lr generator {:.1e} α {:.1e} segmenter {:.1e}, \
          α step every {}, radius {}, preconditioning {}, synthetic {}",
-        generator_run(&task.cfg, &task.run).display(),
+        generator_run(&cfg, &run).display(),
         g.checkpoint.name(),
-        g.weight,
+        cfg.train.lambda,
         rates.generator,
         rates.arch,
         rates.segmenter,
@@ -138,23 +135,32 @@ fn start(
             "attached"
         }
     );
-    let t = &task.cfg.train;
-    let cadence = Cadence {
-        total: t.iterations,
-        val_every: t.val_every,
-        log_every: t.log_every,
-        checkpoint_every: t.checkpoint_every,
-    };
-    let end = run_loop(&mut task, cadence, stop, Instant::now())?;
+    let mut learner = Learner::new(
+        run.clone(),
+        cadence(&cfg),
+        toml::to_string_pretty(&cfg)?,
+        Goal::Maximise,
+        ckpt.as_ref(),
+        observer,
+        stop,
+    )?;
+    let mut task = EndToEnd::new(cfg.clone(), &run, device, train_set, val_set, ckpt.as_ref())?;
+    if task.iteration == 0 {
+        // Where α starts (the pre-trained generator's), the first point of alpha.png.
+        learner.log(&json!({
+            "iteration": 0,
+            "alpha_softmax": task.mixing_weights()?,
+        }))?;
+    }
+    let end = learner.fit(&mut task)?;
     finish_training(
-        &task.run,
-        &task.cfg,
+        &run,
+        &cfg,
         &task.seg_store,
-        &task.seg,
+        task.seg.as_ref(),
         test_set.as_ref(),
         device,
         task.iteration,
-        task.best,
         end,
     )
 }
@@ -167,6 +173,7 @@ fn ensure_generator(
     run: &RunDir,
     device: &Device,
     stop: &AtomicBool,
+    observer: &mut dyn Observer,
 ) -> Result<bool> {
     if !cfg.genseg.generator.as_os_str().is_empty() {
         return Ok(true);
@@ -174,18 +181,22 @@ fn ensure_generator(
     let dir = pretrain_dir(run.root());
     let outcome = if dir.join("config.toml").is_file() {
         let existing = RunDir::open(&dir)?;
-        let pcfg: PretrainConfig = existing.read_config()?;
+        let pcfg = read_generator_run(&existing)?;
         let done = existing
             .last_checkpoint()?
             .is_some_and(|c| c.step >= pcfg.train.iterations);
         if done {
             return Ok(true);
         }
-        crate::pretrain::resume(&dir, device, stop)?
+        super::pix2pix::resume(&dir, device, stop, observer)?
     } else {
-        let mut pcfg = PretrainConfig::profile(cfg.genseg.pretrain_profile);
+        // The pre-training loop of `pretrain_profile`, on this run's networks and data.
+        let mut pcfg = RunConfig::pix2pix(cfg.genseg.pretrain_profile);
         pcfg.seed = cfg.seed;
         pcfg.data = cfg.data.clone();
+        pcfg.generator = cfg.generator.clone();
+        pcfg.discriminator = cfg.discriminator.clone();
+        pcfg.gan = cfg.gan;
         // The run's own split, so the generator never sees a validation or test image.
         pcfg.data.split_file = run.split_path();
         pcfg.data.fold = 0;
@@ -196,20 +207,15 @@ fn ensure_generator(
             "genseg: no generator given, pre-training one first into {}",
             dir.display()
         );
-        crate::pretrain::pretrain(pcfg, &dir, device, stop)?
+        super::pix2pix::pretrain(pcfg, &dir, device, stop, observer)?
     };
-    crate::log_to_file(&run.log_path())?;
+    crate::logging::log_to_file(&run.log_path())?;
     Ok(!outcome.interrupted)
 }
 
-/// The pre-training configuration of the generator run `path`, checked against the data.
-fn generator_config(path: &Path, cfg: &RunConfig, channels: usize) -> Result<PretrainConfig> {
-    let pcfg: PretrainConfig = RunDir::open(path)?.read_config().with_context(|| {
-        format!(
-            "{} is not a generator pre-training run (made by `genseg pretrain-generator`)",
-            path.display()
-        )
-    })?;
+/// The configuration of the generator run `path`, checked against the data.
+fn generator_config(path: &Path, cfg: &RunConfig, channels: usize) -> Result<RunConfig> {
+    let pcfg = read_generator_run(&RunDir::open(path)?)?;
     anyhow::ensure!(
         pcfg.generator.image_size == cfg.data.size as usize,
         "generator run {} makes {} px images but data.size is {}: pre-train at the same size \
@@ -250,33 +256,26 @@ struct Inputs {
 /// The networks, shared by the loss closures of the levels.
 #[derive(Clone)]
 struct Nets {
-    seg: Rc<UNet>,
-    generator: Rc<Pix2PixGenerator>,
-    discriminator: Rc<PatchDiscriminator>,
+    seg: Rc<dyn SegModel>,
+    pix2pix: Rc<RefCell<Pix2Pix>>,
     post: Rc<PostProcessor>,
 }
 
 struct EndToEnd {
     cfg: RunConfig,
-    run: RunDir,
+    root: PathBuf,
     device: Device,
     train_set: Dataset,
     val_set: Dataset,
     seg_store: ParamStore,
-    seg: Rc<UNet>,
-    nets: Networks,
+    seg: Rc<dyn SegModel>,
     shared: Nets,
     engine: Engine,
-    opt_d: Adam,
-    /// The GAN loss settings of the generator's pre-training run.
-    gan: LossConfig,
     inputs: Rc<RefCell<Inputs>>,
     /// (real, synthetic) segmentation losses of the last segmenter step.
     seg_parts: Rc<Cell<(f64, f64)>>,
     augmenter: MaskAugmenter,
     iteration: u64,
-    best: (f64, u64),
-    metrics: MetricsLog,
 }
 
 /// `softmax(α)` per searchable up cell of `generator`, outermost first.
@@ -286,6 +285,9 @@ fn alpha_softmax(generator: &Pix2PixGenerator) -> Result<Vec<Vec<f64>>> {
         None => Vec::new(),
     })
 }
+
+/// Checkpoint name of α's optimizer.
+pub const ARCH_OPTIMIZER: &str = "arch";
 
 const LEVEL_GENERATOR: usize = 0;
 const LEVEL_SEGMENTER: usize = 1;
@@ -297,45 +299,31 @@ fn scalar(t: &Tensor) -> candle_core::Result<f64> {
 impl EndToEnd {
     fn new(
         cfg: RunConfig,
-        run: RunDir,
+        run: &RunDir,
         device: &Device,
         train_set: Dataset,
         val_set: Dataset,
-        ckpt: Option<Checkpoint>,
+        ckpt: Option<&Checkpoint>,
     ) -> Result<Self> {
         anyhow::ensure!(
             !val_set.is_empty(),
             "the split has no validation cases: GenSeg tunes α on them"
         );
-        let source = generator_run(&cfg, &run);
-        let pcfg = generator_config(&source, &cfg, train_set.channels())?;
-        let nets = build_networks(&pcfg, device)?;
-        let (seg_store, seg) = build_model(&cfg, device)?;
-        let seg = Rc::new(seg);
+        let source = generator_run(&cfg, run);
+        generator_config(&source, &cfg, train_set.channels())?;
         let rates = cfg.genseg_rates();
-        let g_adam = |vars: Vec<(String, Var)>| -> Result<Adam> {
-            Ok(Adam::new(
-                vars,
-                AdamConfig {
-                    lr: rates.generator,
-                    beta1: pcfg.train.beta1,
-                    beta2: pcfg.train.beta2,
-                    ..AdamConfig::default()
-                },
-            )?)
+        let adam = AdamConfig {
+            lr: rates.generator,
+            beta1: cfg.genseg.generator_beta1,
+            beta2: cfg.genseg.generator_beta2,
+            ..AdamConfig::default()
         };
-        let group = |name: &str| -> Result<String> {
-            nets.generator
-                .param_groups()
-                .into_iter()
-                .find(|(g, _)| *g == name)
-                .map(|(_, prefix)| prefix)
-                .with_context(|| format!("the generator has no {name} group"))
-        };
-        let g_vars = nets.g_store.trainable_vars_with_prefix(&group("weights")?);
-        let arch_vars = nets.g_store.trainable_vars_with_prefix(&group("arch")?);
-        let mut opt_g = g_adam(g_vars.clone())?;
-        let mut opt_d = g_adam(nets.d_store.trainable_vars())?;
+        let mut nets = build_pix2pix(&cfg, adam, device)?;
+        let (seg_store, seg) = build_model(&cfg, device)?;
+        let seg: Rc<dyn SegModel> = Rc::from(seg);
+        let g_vars = nets.generator_group("weights")?;
+        let arch_vars = nets.generator_group("arch")?;
+        let mut opt_g = nets.generator_optimizer()?;
         let g = &cfg.genseg;
         let mut opt_arch = Adam::new(
             arch_vars.clone(),
@@ -351,30 +339,24 @@ impl EndToEnd {
         seg_train.lr = rates.segmenter;
         let mut opt_seg = seg_train.build_optimizer(seg_store.trainable_vars())?;
 
-        let (iteration, best) = match &ckpt {
+        let iteration = match ckpt {
             Some(c) => {
                 seg_store
-                    .load_named_tensors(&crate::train::segmenter_weights(&c.weights), true)
+                    .load_named_tensors(&segmenter_weights(&c.weights), true)
                     .context("restoring the segmenter from last/")?;
                 nets.load_weights(&c.weights)
                     .context("resuming from last/")?;
                 let opts: [(&str, &mut dyn Optimizer); 4] = [
-                    ("segmenter", opt_seg.as_mut()),
-                    ("generator", &mut opt_g),
-                    ("discriminator", &mut opt_d),
-                    ("arch", &mut opt_arch),
+                    (SEGMENTER_OPTIMIZER, opt_seg.as_mut()),
+                    (GENERATOR_OPTIMIZER, &mut opt_g),
+                    (DISCRIMINATOR_OPTIMIZER, &mut nets.opt_d),
+                    (ARCH_OPTIMIZER, &mut opt_arch),
                 ];
                 for (name, opt) in opts {
                     c.restore_optimizer(name, opt)
                         .context("resuming from last/")?;
                 }
-                (
-                    c.step,
-                    (
-                        extra_f64(&c.extra, "best_val_dice").unwrap_or(f64::NEG_INFINITY),
-                        extra_u64(&c.extra, "best_iteration").unwrap_or(0),
-                    ),
-                )
+                c.step
             }
             None => {
                 let dir = RunDir::open(&source)?.checkpoint(g.checkpoint);
@@ -388,7 +370,7 @@ impl EndToEnd {
                     .with_context(|| format!("loading generator checkpoint {}", dir.display()))?;
                 nets.load_weights(&pre.weights)
                     .with_context(|| format!("starting from {}", dir.display()))?;
-                (0, (f64::NEG_INFINITY, 0))
+                0
             }
         };
 
@@ -402,8 +384,7 @@ impl EndToEnd {
         };
         let shared = Nets {
             seg: seg.clone(),
-            generator: Rc::new(nets.generator.clone()),
-            discriminator: Rc::new(nets.discriminator.clone()),
+            pix2pix: Rc::new(RefCell::new(nets)),
             post: Rc::new(PostProcessor::new(post)?),
         };
         let empty = Tensor::zeros(1, DType::F32, device)?;
@@ -418,18 +399,17 @@ impl EndToEnd {
         }));
         let seg_parts = Rc::new(Cell::new((f64::NAN, f64::NAN)));
 
-        let mut g_buffers = nets.g_store.buffers();
-        let gd_buffers: Vec<_> = g_buffers
-            .iter()
-            .cloned()
-            .chain(nets.d_store.buffers())
-            .collect();
+        let (mut g_buffers, d_buffers) = {
+            let p = shared.pix2pix.borrow();
+            (p.g_store.buffers(), p.d_store.buffers())
+        };
+        let gd_buffers: Vec<_> = g_buffers.iter().cloned().chain(d_buffers).collect();
         g_buffers.extend(seg_store.buffers());
         let generator_level = Problem::with_adam(
             "generator",
             g_vars,
             opt_g,
-            generator_loss_fn(&shared, &inputs, cfg.seed, &pcfg.loss),
+            generator_loss_fn(&shared, &inputs, cfg.seed),
         )
         .with_buffers(gd_buffers);
         let segmenter_level = Problem::new(
@@ -453,37 +433,20 @@ impl EndToEnd {
                 precondition: g.precondition,
             },
         )?;
-        if ckpt.is_none() && run.metrics_path().exists() {
-            std::fs::remove_file(run.metrics_path())
-                .with_context(|| format!("removing {}", run.metrics_path().display()))?;
-        }
-        let mut metrics = MetricsLog::open(&run.metrics_path(), Some(iteration))?;
-        if iteration == 0 {
-            // Where α starts (the pre-trained generator's), the first point of alpha.png.
-            metrics.append(&json!({
-                "iteration": 0,
-                "alpha_softmax": alpha_softmax(&nets.generator)?,
-            }))?;
-        }
         Ok(Self {
             cfg,
-            run,
+            root: run.root().to_path_buf(),
             device: device.clone(),
             train_set,
             val_set,
             seg_store,
             seg,
-            nets,
             shared,
             engine,
-            opt_d,
-            gan: pcfg.loss,
             inputs,
             seg_parts,
             augmenter: MaskAugmenter::new(MaskAugmentConfig::default())?,
             iteration,
-            best,
-            metrics,
         })
     }
 
@@ -499,7 +462,7 @@ impl EndToEnd {
             &genseg_data::writer::masks_from_tensor(&masks, 0.5)?,
             &mut rng,
         );
-        let synth_masks = masks_to_tensor(&augmented, &self.device)?;
+        let synth_masks = genseg_data::writer::masks_to_tensor(&augmented, &self.device)?;
         let val_seed = seed_for(seed, Purpose::ValidationBatchOrder);
         let vidx = batch_indices(val_seed, self.val_set.len(), batch, it);
         let (val_images, val_masks) = self.val_set.batch(&vidx, &self.device)?;
@@ -519,20 +482,14 @@ impl EndToEnd {
     fn discriminator_step(&mut self) -> Result<f64> {
         let inputs = self.inputs.borrow();
         let mut rng = rng_for(self.cfg.seed, Purpose::GeneratorDropout, inputs.iteration);
-        let (g, d) = (&self.shared.generator, &self.shared.discriminator);
-        let fake = g.forward_t(&inputs.masks, true, &mut rng)?.detach();
-        let loss = discriminator_loss(
-            &d.forward_t(&inputs.masks, &fake, true)?,
-            &d.forward_t(&inputs.masks, &inputs.images, true)?,
-            self.gan.gan_mode,
-        )?;
-        self.opt_d.step(&loss.total.backward()?)?;
-        Ok(scalar(&loss.total)?)
+        let mut p = self.shared.pix2pix.borrow_mut();
+        let fake = p.generator.forward_t(&inputs.masks, true, &mut rng)?;
+        p.discriminator_step(&inputs.masks, &inputs.images, &fake)
     }
 
     /// `softmax(α)` per searchable up cell, outermost first.
     fn mixing_weights(&self) -> Result<Vec<Vec<f64>>> {
-        alpha_softmax(&self.nets.generator)
+        alpha_softmax(&self.shared.pix2pix.borrow().generator)
     }
 
     /// mask | real | synthetic rows for the first validation pairs, without moving any
@@ -544,8 +501,9 @@ impl EndToEnd {
             .batch(&(0..n).collect::<Vec<_>>(), &self.device)?;
         let mut rng = rng_for(self.cfg.seed, Purpose::ValidationDropout, it);
         let mut post_rng = rng_for(self.cfg.seed, Purpose::PostProcess, u64::MAX - it);
-        let fake = without_buffer_updates(&self.nets.g_store, || {
-            let raw = self.shared.generator.forward_t(&mask, true, &mut rng)?;
+        let p = self.shared.pix2pix.borrow();
+        let fake = p.g_store.without_buffer_updates(|| -> Result<Tensor> {
+            let raw = p.generator.forward_t(&mask, true, &mut rng)?;
             Ok(self.shared.post.apply(&raw, &mut post_rng)?.detach())
         })?;
         let rows: Vec<Vec<_>> = images_from_tensor(&mask)?
@@ -554,11 +512,7 @@ impl EndToEnd {
             .zip(images_from_tensor(&fake)?)
             .map(|((m, r), f)| vec![m, r, f])
             .collect();
-        let path = self
-            .run
-            .root()
-            .join("samples")
-            .join(format!("iter_{it:06}.png"));
+        let path = self.root.join("samples").join(format!("iter_{it:06}.png"));
         write_image(
             &path,
             &image::DynamicImage::ImageRgb8(image_grid(&rows, 2)?),
@@ -568,19 +522,17 @@ impl EndToEnd {
 }
 
 /// Level 1: `GAN(D(m, G(m)) → real) + λ_L1·|G(m) − x|` on the real batch.
-fn generator_loss_fn(
-    nets: &Nets,
-    inputs: &Rc<RefCell<Inputs>>,
-    seed: u64,
-    gan: &LossConfig,
-) -> LossFn {
-    let (nets, inputs, loss_cfg) = (nets.clone(), inputs.clone(), *gan);
+fn generator_loss_fn(nets: &Nets, inputs: &Rc<RefCell<Inputs>>, seed: u64) -> LossFn {
+    let (nets, inputs) = (nets.clone(), inputs.clone());
     Box::new(move || {
         let s = inputs.borrow();
         let mut rng = rng_for(seed, Purpose::GeneratorDropout, s.iteration);
-        let fake = nets.generator.forward_t(&s.masks, true, &mut rng)?;
-        let pred = nets.discriminator.forward_t(&s.masks, &fake, true)?;
-        Ok(generator_loss(&pred, &fake, &s.images, &loss_cfg)?.total)
+        let p = nets.pix2pix.borrow();
+        let fake = p.generator.forward_t(&s.masks, true, &mut rng)?;
+        let loss = p
+            .generator_loss(&s.masks, &s.images, &fake)
+            .map_err(candle_core::Error::msg)?;
+        Ok(loss.total)
     })
 }
 
@@ -592,12 +544,16 @@ fn segmenter_loss_fn(
     cfg: &RunConfig,
 ) -> LossFn {
     let (nets, inputs, parts) = (nets.clone(), inputs.clone(), parts.clone());
-    let (seed, weight, loss) = (cfg.seed, cfg.genseg.weight, cfg.train.loss.clone());
+    let (seed, weight, loss) = (cfg.seed, cfg.train.lambda, cfg.train.loss.clone());
     Box::new(move || {
         let s = inputs.borrow();
         let mut rng = rng_for(seed, Purpose::SynthesisDropout, s.iteration);
         let mut post_rng = rng_for(seed, Purpose::PostProcess, s.iteration);
-        let raw = nets.generator.forward_t(&s.synth_masks, true, &mut rng)?;
+        let raw = nets
+            .pix2pix
+            .borrow()
+            .generator
+            .forward_t(&s.synth_masks, true, &mut rng)?;
         let mut synthetic = nets.post.apply(&raw, &mut post_rng)?;
         if !s.hop_mode {
             synthetic = synthetic.detach();
@@ -632,7 +588,11 @@ fn validation_loss_fn(
     })
 }
 
-impl LoopTask for EndToEnd {
+impl Pipeline for EndToEnd {
+    fn method(&self) -> &'static str {
+        "genseg"
+    }
+
     fn iteration(&self) -> u64 {
         self.iteration
     }
@@ -696,91 +656,83 @@ impl LoopTask for EndToEnd {
         Ok(record)
     }
 
-    fn validate(&mut self, it: u64, record: &mut serde_json::Value) -> Result<String> {
+    fn validate(&mut self, it: u64, record: &mut serde_json::Value) -> Result<Validation> {
         let dice = validation_dice(self.seg.as_ref(), &self.val_set, &self.cfg, &self.device)?;
         record["val_dice"] = json!(dice);
-        if keep_if_better(&mut self.best, dice, it) {
-            self.checkpoint(Which::Best)?;
-        }
         self.sample_grid(it)?;
-        Ok(format!(
-            "val Dice {dice:.4}  best {:.4} @{}",
-            self.best.0, self.best.1
-        ))
+        Ok(Validation {
+            score: dice,
+            summary: format!("val Dice {dice:.4}"),
+        })
     }
 
-    fn checkpoint(&self, which: Which) -> Result<()> {
+    fn state(&self) -> Result<State> {
         let mut weights = self.seg_store.named_tensors()?;
-        weights.extend(self.nets.g_store.named_tensors()?);
-        weights.extend(self.nets.d_store.named_tensors()?);
+        let p = self.shared.pix2pix.borrow();
+        weights.extend(p.named_tensors()?);
         let mut optimizers = BTreeMap::new();
         let levels = self.engine.levels();
         optimizers.insert(
-            "generator".to_string(),
+            GENERATOR_OPTIMIZER.to_string(),
             levels[LEVEL_GENERATOR].optimizer().state()?,
         );
         optimizers.insert(
-            "segmenter".to_string(),
+            SEGMENTER_OPTIMIZER.to_string(),
             levels[LEVEL_SEGMENTER].optimizer().state()?,
         );
-        optimizers.insert("discriminator".to_string(), self.opt_d.state()?);
-        optimizers.insert("arch".to_string(), self.engine.upper().optimizer().state()?);
-        let ckpt = Checkpoint {
-            step: self.iteration,
+        optimizers.insert(DISCRIMINATOR_OPTIMIZER.to_string(), p.opt_d.state()?);
+        optimizers.insert(
+            ARCH_OPTIMIZER.to_string(),
+            self.engine.upper().optimizer().state()?,
+        );
+        Ok(State {
             weights,
             optimizers,
-            rng: BTreeMap::new(),
-            config_toml: toml::to_string_pretty(&self.cfg)?,
-            extra: json!({
-                "best_val_dice": self.best.0,
-                "best_iteration": self.best.1,
-                "method": "genseg",
-                "alpha_softmax": self.mixing_weights()?,
-            }),
-        };
-        self.run.save_checkpoint(which, &ckpt)
+        })
     }
 
-    fn plot(&self) -> Result<()> {
-        let lines = read_lines(&self.run.metrics_path())?;
-        let pts = |key: &str| series(&lines, key);
-        let (real, syn, val) = (pts("loss_real"), pts("loss_synthetic"), pts("loss_val"));
-        let (d, g, dice) = (pts("loss_d"), pts("loss_g"), pts("val_dice"));
-        use plotters::style::{BLUE, GREEN, RED};
-        let series = |label, points, color| Series {
-            label,
-            points,
-            color,
-        };
-        plot_panels(
-            &self.run.progress_path(),
-            &[
-                (
+    fn annotate(&self, meta: &mut CheckpointMeta) -> Result<()> {
+        meta.alpha_softmax = Some(self.mixing_weights()?);
+        Ok(())
+    }
+
+    fn figures(&self, lines: &[serde_json::Value]) -> Vec<Figure> {
+        let mut figures = vec![Figure {
+            file: "progress.png".into(),
+            panels: vec![
+                panel(
                     "segmentation losses",
                     "loss",
                     vec![
-                        series("real", &real, BLUE),
-                        series("synthetic", &syn, GREEN),
-                        series("validation batch", &val, RED),
+                        curve(lines, "loss_real", "real", Color::Blue),
+                        curve(lines, "loss_synthetic", "synthetic", Color::Green),
+                        curve(lines, "loss_val", "validation batch", Color::Red),
                     ],
                 ),
-                (
+                panel(
                     "generator level",
                     "loss",
-                    vec![series("D", &d, BLUE), series("G (GAN + λ·L1)", &g, GREEN)],
+                    vec![
+                        curve(lines, "loss_d", "D", Color::Blue),
+                        curve(lines, "loss_g", "G (GAN + λ·L1)", Color::Green),
+                    ],
                 ),
-                ("validation", "Dice", vec![series("val Dice", &dice, RED)]),
+                panel(
+                    "validation",
+                    "Dice",
+                    vec![curve(lines, "val_dice", "val Dice", Color::Red)],
+                ),
             ],
-        )?;
+        }];
         // One panel per searchable cell: the softmax of its α over the candidates.
         let cells = lines
             .iter()
             .rev()
             .find_map(|v| v.get("alpha_softmax")?.as_array().map(Vec::len))
             .unwrap_or(0);
-        let colors = [BLUE, GREEN, RED];
+        let colors = [Color::Blue, Color::Green, Color::Red];
         let mut curves: Vec<Vec<Vec<(f64, f64)>>> = vec![vec![Vec::new(); CANDIDATES.len()]; cells];
-        for v in &lines {
+        for v in lines {
             let (Some(it), Some(rows)) = (
                 v.get("iteration").and_then(|x| x.as_f64()),
                 v.get("alpha_softmax").and_then(|x| x.as_array()),
@@ -795,33 +747,150 @@ impl LoopTask for EndToEnd {
                 }
             }
         }
-        let labels: Vec<String> = CANDIDATES
-            .iter()
-            .map(|c| format!("k{} p{}", c.kernel, c.padding))
-            .collect();
-        let titles: Vec<String> = (0..cells)
-            .map(|c| format!("up cell {c} (0 = outermost): softmax(α)"))
-            .collect();
-        let panels: Vec<(&str, &str, Vec<Series>)> = curves
-            .iter()
-            .zip(&titles)
-            .map(|(cell, title)| {
-                let s = cell
-                    .iter()
-                    .zip(&labels)
+        let panels: Vec<Panel> = curves
+            .into_iter()
+            .enumerate()
+            .map(|(cell, candidates)| Panel {
+                title: format!("up cell {cell} (0 = outermost): softmax(α)"),
+                y_label: "weight".into(),
+                curves: candidates
+                    .into_iter()
+                    .zip(CANDIDATES.iter())
                     .zip(colors)
-                    .map(|((points, label), color)| series(label, points, color))
-                    .collect();
-                (title.as_str(), "weight", s)
+                    .map(|((points, c), color)| Curve {
+                        label: format!("k{} p{}", c.kernel, c.padding),
+                        points,
+                        color,
+                    })
+                    .collect(),
             })
             .collect();
         if !panels.is_empty() {
-            plot_panels(&self.run.root().join("alpha.png"), &panels)?;
+            figures.push(Figure {
+                file: "alpha.png".into(),
+                panels,
+            });
         }
-        Ok(())
+        figures
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use genseg_data::phantom::{PhantomConfig, PhantomKind, write_phantoms};
+
+    use super::*;
+    use crate::config::{Method, Profile};
+    use crate::learner::Silent;
+    use crate::run_dir::{Which, read_lines};
+
+    /// A GenSeg run on 32 px phantoms with networks a few channels wide, pre-training its
+    /// own generator for two iterations.
+    fn tiny(data: &Path) -> Result<RunConfig> {
+        write_phantoms(data, &PhantomConfig::new(PhantomKind::Lungs, 32, 0), 12)?;
+        let mut cfg = RunConfig::profile(Profile::Cpu);
+        cfg.method = Method::Genseg;
+        cfg.data.path = data.to_path_buf();
+        cfg.data.size = 32;
+        cfg.model.unet.base_width = 2;
+        cfg.model.unet.depth = 2;
+        cfg.generator.ngf = 2;
+        cfg.discriminator.ndf = 2;
+        cfg.genseg.pretrain_iterations = 2;
+        cfg.train.iterations = 3;
+        cfg.train.val_every = 3;
+        cfg.train.log_every = 1;
+        cfg.train.checkpoint_every = 1;
+        Ok(cfg)
     }
 
-    fn metrics(&mut self) -> &mut MetricsLog {
-        &mut self.metrics
+    /// Sets the stop flag once `at` iterations of the loop of `total` are done (the
+    /// pre-training loop before it runs to its end).
+    struct StopAt<'a> {
+        at: u64,
+        total: u64,
+        current: u64,
+        stop: &'a AtomicBool,
+    }
+
+    impl Observer for StopAt<'_> {
+        fn started(&mut self, total: u64, _position: u64) {
+            self.current = total;
+        }
+        fn advanced(&mut self, position: u64) {
+            if self.current == self.total && position == self.at {
+                self.stop.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[test]
+    fn genseg_pretrains_moves_alpha_and_resumes_bit_exactly() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let cfg = tiny(&dir.path().join("data"))?;
+        let device = Device::Cpu;
+
+        let whole = dir.path().join("whole");
+        let outcome = super::super::train(
+            cfg.clone(),
+            &whole,
+            &device,
+            &AtomicBool::new(false),
+            &mut Silent,
+        )?;
+        assert_eq!(outcome.iterations, 3);
+        assert!(whole.join("pretrain/best/state.json").is_file());
+        // The generator sections the run used are in its own config.
+        let written: RunConfig = RunDir::open(&whole)?.read_config()?;
+        assert_eq!(written.generator.ngf, 2);
+        // α received a hypergradient and moved at every iteration.
+        let lines = read_lines(&whole.join("metrics.jsonl"))?;
+        let alphas: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter_map(|l| l.get("alpha_softmax"))
+            .collect();
+        assert_eq!(alphas.len(), 4, "iteration 0 and three steps");
+        assert!(alphas.windows(2).all(|w| w[0] != w[1]));
+        assert!(
+            lines
+                .iter()
+                .filter_map(|l| l.get("norm_generator_signal")?.as_f64())
+                .all(|n| n > 0.0)
+        );
+        let last = Checkpoint::load(&whole.join("last"))?;
+        let meta = CheckpointMeta::of(&last)?;
+        assert_eq!(meta.method, "genseg");
+        assert_eq!(
+            meta.alpha_softmax.as_ref().map(Vec::len),
+            alphas[3].as_array().map(Vec::len)
+        );
+
+        // Stopped after two iterations and resumed, the run ends where the whole one did.
+        let split = dir.path().join("split");
+        let stop = AtomicBool::new(false);
+        let mut observer = StopAt {
+            at: 2,
+            total: 3,
+            current: 0,
+            stop: &stop,
+        };
+        let first = super::super::train(cfg, &split, &device, &stop, &mut observer)?;
+        assert!(first.interrupted && first.iterations == 2);
+        let resumed = super::super::resume(&split, &device, &AtomicBool::new(false), &mut Silent)?;
+        assert_eq!(resumed.iterations, 3);
+        let again = Checkpoint::load(&split.join("last"))?;
+        for (name, t) in &last.weights {
+            let d = (t - &again.weights[name])?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "{name} differs after resume");
+        }
+        let best = Checkpoint::load(&whole.join(Which::Best.name()))?;
+        assert_eq!(CheckpointMeta::of(&best)?.best_iteration, 3);
+        Ok(())
     }
 }

@@ -1,0 +1,172 @@
+//! Supervised training of the segmenter on real pairs: the baseline, and the loop that the
+//! augmentation baselines ([`super::augment`]) and Separate ([`super::separate`]) extend
+//! with a second loss term.
+//!
+//! One iteration: a batch of real pairs (order from a per-epoch seeded shuffle), the
+//! configured loss, plus — when the method has one — the same loss on a batch derived from
+//! the real one (an augmented copy, or synthetic pairs painted by a frozen generator)
+//! weighted by λ; backward; optimizer step. Every random draw is a pure function of the
+//! seed and the iteration (see [`crate::seeding`]), so a resumed run is bit-exact.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use genseg_backbones::SegModel;
+use genseg_data::dataset::Dataset;
+use genseg_nn::checkpoint::Checkpoint;
+use genseg_nn::optim::Optimizer;
+use genseg_nn::params::ParamStore;
+use serde_json::{Map, Value, json};
+
+use super::{SEGMENTER_OPTIMIZER, batch_indices, build_model, validation_dice};
+use crate::config::RunConfig;
+use crate::learner::{Color, Figure, Pipeline, State, Validation, curve, panel};
+
+/// A second loss term on a batch derived from the real one.
+pub trait ExtraTerm {
+    /// Metrics key of its loss (`loss_augmented`, `loss_synthetic`).
+    fn key(&self) -> &'static str;
+    /// Its curve's label in `progress.png`.
+    fn label(&self) -> &'static str;
+    /// The derived batch `(images, masks)` of iteration `it` from the real batch.
+    fn batch(&self, images: &Tensor, masks: &Tensor, it: u64) -> Result<(Tensor, Tensor)>;
+}
+
+/// The segmenter trained on real pairs, with an optional [`ExtraTerm`].
+pub struct Supervised {
+    cfg: RunConfig,
+    device: Device,
+    train_set: Dataset,
+    val_set: Dataset,
+    store: ParamStore,
+    model: Box<dyn SegModel>,
+    opt: Box<dyn Optimizer>,
+    extra: Option<Box<dyn ExtraTerm>>,
+    iteration: u64,
+}
+
+impl Supervised {
+    /// Builds the segmenter and its optimizer from `cfg`, restored from `ckpt` when resuming.
+    pub fn new(
+        cfg: RunConfig,
+        device: &Device,
+        (train_set, val_set): (Dataset, Dataset),
+        extra: Option<Box<dyn ExtraTerm>>,
+        ckpt: Option<&Checkpoint>,
+    ) -> Result<Self> {
+        let (store, model) = build_model(&cfg, device)?;
+        let mut opt = cfg.train.build_optimizer(store.trainable_vars())?;
+        let iteration = match ckpt {
+            Some(c) => {
+                store
+                    .load_named_tensors(&c.weights, true)
+                    .context("restoring weights from last/")?;
+                c.restore_optimizer(SEGMENTER_OPTIMIZER, opt.as_mut())
+                    .context("resuming from last/")?;
+                c.step
+            }
+            None => 0,
+        };
+        Ok(Self {
+            cfg,
+            device: device.clone(),
+            train_set,
+            val_set,
+            store,
+            model,
+            opt,
+            extra,
+            iteration,
+        })
+    }
+
+    /// The parameter store and the model (for scoring `best/` after training).
+    pub fn segmenter(&self) -> (&ParamStore, &dyn SegModel) {
+        (&self.store, self.model.as_ref())
+    }
+
+    fn train_step(&mut self) -> Result<(f64, Option<f64>)> {
+        let idx = batch_indices(
+            self.cfg.seed,
+            self.train_set.len(),
+            self.cfg.train.batch_size,
+            self.iteration,
+        );
+        let (x, y) = self.train_set.batch(&idx, &self.device)?;
+        let loss_fn = &self.cfg.train.loss;
+        let real = loss_fn.forward(&self.model.forward_t(&x, true)?, &y)?;
+        let mut total = real.clone();
+        let mut extra_value = None;
+        if let Some(extra) = &self.extra {
+            let (xe, ye) = extra.batch(&x, &y, self.iteration)?;
+            let term = loss_fn.forward(&self.model.forward_t(&xe, true)?, &ye)?;
+            extra_value = Some(term.to_scalar::<f32>()? as f64);
+            total = (total + (term * self.cfg.train.lambda)?)?;
+        }
+        let grads = total.backward()?;
+        self.opt.step(&grads)?;
+        Ok((real.to_scalar::<f32>()? as f64, extra_value))
+    }
+}
+
+impl Pipeline for Supervised {
+    fn method(&self) -> &'static str {
+        self.cfg.method.name()
+    }
+
+    fn iteration(&self) -> u64 {
+        self.iteration
+    }
+
+    fn step(&mut self) -> Result<Map<String, Value>> {
+        let (loss, extra) = self.train_step()?;
+        self.iteration += 1;
+        let mut record = Map::new();
+        record.insert("loss".into(), json!(loss));
+        record.insert("lr".into(), json!(self.opt.learning_rate()));
+        if let (Some(term), Some(value)) = (&self.extra, extra) {
+            record.insert(term.key().into(), json!(value));
+        }
+        Ok(record)
+    }
+
+    fn validate(&mut self, _it: u64, record: &mut Value) -> Result<Validation> {
+        let dice = validation_dice(self.model.as_ref(), &self.val_set, &self.cfg, &self.device)?;
+        record["val_dice"] = json!(dice);
+        Ok(Validation {
+            score: dice,
+            summary: format!("val Dice {dice:.4}"),
+        })
+    }
+
+    fn state(&self) -> Result<State> {
+        let mut optimizers = BTreeMap::new();
+        optimizers.insert(SEGMENTER_OPTIMIZER.to_string(), self.opt.state()?);
+        Ok(State {
+            weights: self.store.named_tensors()?,
+            optimizers,
+        })
+    }
+
+    fn figures(&self, lines: &[Value]) -> Vec<Figure> {
+        let mut losses = vec![curve(lines, "loss", "real", Color::Blue)];
+        if let Some(term) = &self.extra {
+            let c = curve(lines, term.key(), term.label(), Color::Green);
+            if !c.points.is_empty() {
+                losses.push(c);
+            }
+        }
+        vec![Figure {
+            file: "progress.png".into(),
+            panels: vec![
+                panel("training loss", "loss", losses),
+                panel(
+                    "validation",
+                    "Dice",
+                    vec![curve(lines, "val_dice", "val Dice", Color::Red)],
+                ),
+            ],
+        }]
+    }
+}
