@@ -48,3 +48,17 @@ pub trait SegModel: Send + Sync {
     /// `"weights"`.
     fn param_groups(&self) -> Vec<(&'static str, String)>;
 }
+
+/// A backbone's configuration: all the pipelines need to build and check any backbone.
+/// A new backbone is its model (a [`SegModel`]) and a serde config implementing this.
+pub trait BackboneConfig {
+    /// Builds the model (fresh parameters from `vb`).
+    fn build(&self, vb: candle_nn::VarBuilder) -> anyhow::Result<Box<dyn SegModel>>;
+    /// Input channels the model is built for.
+    fn in_channels(&self) -> usize;
+    /// Sets the input channels (from the data).
+    fn set_in_channels(&mut self, channels: usize);
+    /// Checks the settings, for square inputs of side `size`; the error names the sizes
+    /// the architecture accepts.
+    fn check(&self, size: usize) -> anyhow::Result<()>;
+}

@@ -304,6 +304,30 @@ pub struct UNet {
     outc: Conv2d,
 }
 
+impl crate::BackboneConfig for UNetConfig {
+    fn build(&self, vb: VarBuilder) -> anyhow::Result<Box<dyn SegModel>> {
+        Ok(Box::new(UNet::new(self, vb)?))
+    }
+
+    fn in_channels(&self) -> usize {
+        self.in_channels
+    }
+
+    fn set_in_channels(&mut self, channels: usize) {
+        self.in_channels = channels;
+    }
+
+    fn check(&self, size: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            size >= self.min_input_size(),
+            "data.size {size} is smaller than the UNet's minimum {} (depth {})",
+            self.min_input_size(),
+            self.depth
+        );
+        self.validate()
+    }
+}
+
 impl UNet {
     /// Builds the network; parameters are created (or fetched) through `vb`
     /// with paths like the reference (`inc`, `down1`, ..., `up1`, ..., `outc`).

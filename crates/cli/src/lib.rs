@@ -26,7 +26,7 @@ pub mod names {
     pub const SPLIT: &[&str] = &["test", "val", "all"];
     /// `--layout` of generate ([`genseg_pipelines::generate::OutputLayout`]).
     pub const LAYOUT: &[&str] = &["folder", "nnunet"];
-    /// `--postprocess` ([`genseg_pipelines::methods::separate::PostChoice`]).
+    /// `--postprocess` ([`genseg_pipelines::config::PostChoice`]).
     pub const POSTPROCESS: &[&str] = &["auto", "min_max", "xray", "rgb"];
     /// `--model` of bench-step ([`genseg_pipelines::bench_step::BenchModel`]).
     pub const BENCH_MODEL: &[&str] = &["unet", "pix2pix"];
@@ -61,7 +61,7 @@ mod tests {
     /// spelling cannot drift apart.
     #[test]
     fn every_listed_name_parses() {
-        use genseg_pipelines::{bench_step, config, evaluate, generate, methods, run_dir};
+        use genseg_pipelines::{bench_step, config, evaluate, generate, run_dir};
         all::<config::Method>(names::METHOD);
         assert_eq!(
             names::METHOD.len() + 1,
@@ -72,7 +72,7 @@ mod tests {
         all::<run_dir::Which>(names::CHECKPOINT);
         all::<evaluate::SplitChoice>(names::SPLIT);
         all::<generate::OutputLayout>(names::LAYOUT);
-        all::<methods::separate::PostChoice>(names::POSTPROCESS);
+        all::<config::PostChoice>(names::POSTPROCESS);
         all::<bench_step::BenchModel>(names::BENCH_MODEL);
     }
 }

@@ -1,6 +1,6 @@
 //! Plug a segmentation backbone of your own into every pipeline: implement
 //! `genseg_backbones::SegModel`, register a builder under a name, and select it with
-//! `model.kind = { registered = "<name>" }`. Training, evaluation and prediction then use
+//! `model.kind = "registered"` and `model.registered.name = "<name>"`. Training, evaluation and prediction then use
 //! it like the built-in UNet.
 //!
 //! ```sh
@@ -67,8 +67,10 @@ fn main() -> Result<()> {
     cfg.method = Method::Combine;
     cfg.data.path = pool;
     cfg.data.size = 32;
-    cfg.model.kind = ModelKind::Registered("two_conv".into());
+    cfg.model.kind = ModelKind::Registered;
+    cfg.model.registered.name = "two_conv".into();
     cfg.model
+        .registered
         .options
         .insert("width".into(), toml::Value::Integer(12));
     cfg.train.iterations = 40;

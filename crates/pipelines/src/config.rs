@@ -10,20 +10,21 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use candle_core::Var;
+use genseg_backbones::BackboneConfig;
 use genseg_backbones::SegModel;
 use genseg_backbones::loss::SegLoss;
 use genseg_backbones::metrics::MetricOptions;
-use genseg_backbones::unet::{UNet, UNetConfig};
+use genseg_backbones::unet::UNetConfig;
 use genseg_data::dataset::{DataConfig, ImageSize};
 use genseg_data::layout::LayoutChoice;
 use genseg_data::preprocess::{ChannelPolicy, ImageFilter, MaskRule};
 use genseg_generator::discriminator::DiscriminatorConfig;
 use genseg_generator::generator::GeneratorConfig;
 use genseg_generator::loss::LossConfig;
+use genseg_generator::postprocess::{GradientPath, PostProcessConfig, PostStep};
 use genseg_nn::optim::{Adam, AdamConfig, Optimizer, RmsProp, RmsPropConfig, Sgd, SgdConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::methods::separate::PostChoice;
 use crate::run_dir::Which;
 
 /// Starting points for a run's configuration.
@@ -198,24 +199,24 @@ pub fn parse_mask_rule(s: &str) -> Result<Option<MaskRule>> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
-    /// [`genseg_backbones::unet::UNet`] (`kind = "unet"`).
+    /// [`genseg_backbones::unet::UNet`], configured by `[model.unet]`.
     Unet,
-    /// A backbone registered at run time with [`register_backbone`], by name
-    /// (`kind = { registered = "name" }`); its settings are `model.options`.
-    Registered(String),
+    /// A backbone registered at run time with [`register_backbone`], configured by
+    /// `[model.registered]`.
+    Registered,
 }
 
-/// Builds a registered backbone from its input channels, `model.options` and a
-/// `VarBuilder`.
+/// Builds a registered backbone from its input channels, its options and a `VarBuilder`.
 pub type BackboneBuilder =
     fn(usize, &toml::Table, candle_nn::VarBuilder) -> Result<Box<dyn SegModel>>;
 
 static REGISTRY: std::sync::Mutex<std::collections::BTreeMap<String, BackboneBuilder>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
-/// Makes a backbone of your own available to every pipeline as
-/// `model.kind = { registered = "<name>" }` (training, evaluation and prediction of its
-/// runs), without touching the pipelines. Registering a name again replaces its builder.
+/// Makes a backbone of your own available to every pipeline (training, evaluation and
+/// prediction of its runs) as `model.kind = "registered"` with `model.registered.name =
+/// "<name>"`, without touching the pipelines. Registering a name again replaces its
+/// builder.
 pub fn register_backbone(name: &str, builder: BackboneBuilder) {
     REGISTRY
         .lock()
@@ -223,18 +224,52 @@ pub fn register_backbone(name: &str, builder: BackboneBuilder) {
         .insert(name.to_string(), builder);
 }
 
-fn registered(name: &str) -> Result<BackboneBuilder> {
-    let registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
-    registry.get(name).copied().ok_or_else(|| {
-        anyhow::anyhow!(
-            "model.kind: no backbone registered as `{name}` (registered: [{}]; built in: unet)",
-            registry.keys().cloned().collect::<Vec<_>>().join(", ")
-        )
-    })
+/// `[model.registered]`: a backbone registered with [`register_backbone`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegisteredBackbone {
+    /// The name it was registered under.
+    pub name: String,
+    /// Input channels (set from the data).
+    pub in_channels: usize,
+    /// Its settings, passed to its builder as they are.
+    pub options: toml::Table,
 }
 
-/// `[model]`: the segmentation backbone. A new backbone is a file in genseg-backbones, a
-/// [`ModelKind`] variant and its arms below.
+impl RegisteredBackbone {
+    fn builder(&self) -> Result<BackboneBuilder> {
+        let registry = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        registry.get(&self.name).copied().ok_or_else(|| {
+            anyhow::anyhow!(
+                "model.registered.name: no backbone registered as `{}` (registered: [{}])",
+                self.name,
+                registry.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+impl BackboneConfig for RegisteredBackbone {
+    fn build(&self, vb: candle_nn::VarBuilder) -> Result<Box<dyn SegModel>> {
+        self.builder()?(self.in_channels, &self.options, vb)
+    }
+
+    fn in_channels(&self) -> usize {
+        self.in_channels
+    }
+
+    fn set_in_channels(&mut self, channels: usize) {
+        self.in_channels = channels;
+    }
+
+    fn check(&self, _size: usize) -> Result<()> {
+        self.builder().map(|_| ())
+    }
+}
+
+/// `[model]`: the segmentation backbone. A new backbone is a file in genseg-backbones (its
+/// model and a config implementing [`BackboneConfig`]), a [`ModelKind`] variant with its
+/// section here, and its arms in [`ModelSection::backbone`] / [`ModelSection::backbone_mut`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -242,54 +277,46 @@ pub struct ModelSection {
     pub kind: ModelKind,
     /// `[model.unet]`; `in_channels` is set from the data.
     pub unet: UNetConfig,
-    /// Input channels of a registered backbone (set from the data).
+    /// `[model.registered]` (absent from configs written before it existed: defaults).
     #[serde(default)]
-    pub in_channels: usize,
-    /// Settings of a registered backbone, passed to its builder as they are.
-    #[serde(default)]
-    pub options: toml::Table,
+    pub registered: RegisteredBackbone,
 }
 
 impl ModelSection {
+    /// The configuration of the selected backbone.
+    pub fn backbone(&self) -> &dyn BackboneConfig {
+        match self.kind {
+            ModelKind::Unet => &self.unet,
+            ModelKind::Registered => &self.registered,
+        }
+    }
+
+    /// The configuration of the selected backbone, to fit it to the data.
+    pub fn backbone_mut(&mut self) -> &mut dyn BackboneConfig {
+        match self.kind {
+            ModelKind::Unet => &mut self.unet,
+            ModelKind::Registered => &mut self.registered,
+        }
+    }
+
     /// Builds the configured backbone (already fitted to the data) from `vb`.
     pub fn build(&self, vb: candle_nn::VarBuilder) -> Result<Box<dyn SegModel>> {
-        Ok(match &self.kind {
-            ModelKind::Unet => Box::new(UNet::new(&self.unet, vb)?),
-            ModelKind::Registered(name) => registered(name)?(self.in_channels, &self.options, vb)?,
-        })
+        self.backbone().build(vb)
     }
 
     /// Sets what follows from the data: the input channels.
     pub fn fit_to_data(&mut self, channels: usize) {
-        self.in_channels = channels;
-        if self.kind == ModelKind::Unet {
-            self.unet.in_channels = channels;
-        }
+        self.backbone_mut().set_in_channels(channels);
     }
 
     /// Input channels the backbone was built for.
     pub fn in_channels(&self) -> usize {
-        match self.kind {
-            ModelKind::Unet => self.unet.in_channels,
-            ModelKind::Registered(_) => self.in_channels,
-        }
+        self.backbone().in_channels()
     }
 
     /// Checks the backbone's settings against the image side `size`.
     pub fn validate(&self, size: u32) -> Result<()> {
-        match &self.kind {
-            ModelKind::Unet => {
-                anyhow::ensure!(
-                    size >= self.unet.min_input_size() as u32,
-                    "data.size {} is smaller than the UNet's minimum {} (depth {})",
-                    size,
-                    self.unet.min_input_size(),
-                    self.unet.depth
-                );
-                self.unet.validate()
-            }
-            ModelKind::Registered(name) => registered(name).map(|_| ()),
-        }
+        self.backbone().check(size as usize)
     }
 }
 
@@ -388,6 +415,46 @@ pub struct AugmentSection {
     /// signs. (The reference passes 0.1 as *pixels*, which rounds to no
     /// shift; we shift for real.)
     pub translate_fraction: f64,
+}
+
+/// How synthetic images are post-processed before use (spec §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PostChoice {
+    /// `xray` with the data's gamma when the data is 1-channel and `data.equalize_gamma > 0`
+    /// (the real images are equalised then), otherwise `min_max`.
+    #[default]
+    Auto,
+    /// Batch min-max to `[0, 1]` only.
+    MinMax,
+    /// Min-max, histogram equalisation, gamma 0.5 (the reference's JSRT chain).
+    Xray,
+    /// Min-max, then torchvision's photometric chain (the reference's ISIC chain).
+    Rgb,
+}
+
+impl PostChoice {
+    /// The post-processing steps for images of `channels` channels whose real counterparts were
+    /// equalised with gamma `equalize_gamma` (0 = not equalised). Always detached.
+    pub fn config(self, channels: usize, equalize_gamma: f32) -> PostProcessConfig {
+        let mut cfg = match self {
+            PostChoice::Auto if channels == 1 && equalize_gamma > 0.0 => PostProcessConfig {
+                steps: vec![
+                    PostStep::MinMax,
+                    PostStep::Equalize { p: 1.0 },
+                    PostStep::Gamma {
+                        gamma: f64::from(equalize_gamma),
+                    },
+                ],
+                gradient: GradientPath::Detach,
+            },
+            PostChoice::Auto | PostChoice::MinMax => PostProcessConfig::default(),
+            PostChoice::Xray => PostProcessConfig::xray(),
+            PostChoice::Rgb => PostProcessConfig::rgb(),
+        };
+        cfg.gradient = GradientPath::Detach;
+        cfg
+    }
 }
 
 /// `[separate]`: the synthetic data of `--method separate`.
@@ -554,8 +621,7 @@ impl RunConfig {
             model: ModelSection {
                 kind: ModelKind::Unet,
                 unet: UNetConfig::default(),
-                in_channels: 1,
-                options: toml::Table::new(),
+                registered: RegisteredBackbone::default(),
             },
             train: TrainSection {
                 iterations: 5000,
@@ -764,6 +830,28 @@ impl RunConfig {
 mod tests {
     use super::*;
     use crate::overrides::{layered, leaf_keys, to_table};
+
+    #[test]
+    fn auto_post_processing_follows_the_real_images() {
+        let auto = PostChoice::Auto.config(1, 0.5);
+        assert_eq!(auto, PostProcessConfig::xray());
+        assert_eq!(
+            PostChoice::Auto.config(1, 0.0),
+            PostProcessConfig::default()
+        );
+        assert_eq!(
+            PostChoice::Auto.config(3, 0.5),
+            PostProcessConfig::default()
+        );
+        assert_eq!(PostChoice::Rgb.config(3, 0.0), PostProcessConfig::rgb());
+        let custom = PostChoice::Auto.config(1, 0.8);
+        assert_eq!(
+            custom.steps[2],
+            PostStep::Gamma {
+                gamma: 0.8f32 as f64
+            }
+        );
+    }
 
     #[test]
     fn profiles_round_trip_through_toml() -> Result<()> {

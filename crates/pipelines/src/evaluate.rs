@@ -10,16 +10,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use genseg_backbones::SegModel;
-use genseg_backbones::evaluate::score_cases;
-use genseg_backbones::report::{Summary, write_reports};
-use genseg_data::dataset::Dataset;
+use genseg_backbones::report::Summary;
 use genseg_data::preprocess::ChannelPolicy;
 use genseg_data::split::{read_split_file, select_fold};
 use genseg_nn::checkpoint::Checkpoint;
 
 use crate::config::RunConfig;
-use crate::methods::{build_model, segmenter_weights};
 use crate::run_dir::{RunDir, Which};
+use crate::segmenter::{build_model, evaluate_model, segmenter_weights};
 
 /// Which cases of the dataset to score.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -31,20 +29,6 @@ pub enum SplitChoice {
     Val,
     /// Every case of the folder (out-of-domain sets).
     All,
-}
-
-/// Scores `model` on every case of `data` and writes the reports to `out`.
-pub fn evaluate_model(
-    model: &dyn SegModel,
-    data: &Dataset,
-    cfg: &RunConfig,
-    device: &Device,
-    out: &Path,
-    dataset_label: &str,
-    checkpoint_label: &str,
-) -> Result<Summary> {
-    let cases = score_cases(model, data, cfg.train.batch_size, &cfg.eval, device)?;
-    write_reports(out, &cases, &cfg.eval, dataset_label, checkpoint_label)
 }
 
 /// A trained model restored from a run folder.

@@ -21,8 +21,9 @@ use serde_json::json;
 
 use genseg_data::writer::masks_to_tensor;
 
+use crate::config::PostChoice;
 use crate::learner::Observer;
-use crate::methods::separate::{PostChoice, Synthesizer, load_generator};
+use crate::methods::separate::{Synthesizer, load_generator};
 use crate::run_dir::Which;
 use crate::seeding::{Purpose, rng_for};
 

@@ -11,10 +11,12 @@
 //!   [`learner::Pipeline`], with typed checkpoint metadata and an [`learner::Observer`]
 //!   for progress and plots.
 //! - [`methods`]: one module per method — baseline, augment, separate, genseg, pix2pix —
-//!   and the shared prepare / resume path of a run ([`methods::train`],
-//!   [`methods::resume`]).
-//! - [`run_dir`]: the run folder and its metrics log; [`seeding`]: the labelled random
-//!   streams every draw comes from; [`logging`]: stderr + `train.log`.
+//!   ([`methods::train`], [`methods::resume`]).
+//! - [`run`]: creating and reopening run folders, the path every method shares;
+//!   [`run_dir`]: the run folder and its metrics log; [`seeding`]: the labelled random
+//!   streams every draw comes from (and the batch order); [`logging`]: stderr + `train.log`.
+//! - [`segmenter`]: the configured backbone, its validation and evaluation, a run's
+//!   outcome.
 //! - [`evaluate`], [`predict`], [`generate`]: scoring, inference and synthetic datasets
 //!   from run folders; [`demo`]: the whole method on phantoms; [`bench_step`]: timed
 //!   training steps.
@@ -50,5 +52,7 @@ pub mod logging;
 pub mod methods;
 pub mod overrides;
 pub mod predict;
+pub mod run;
 pub mod run_dir;
 pub mod seeding;
+pub mod segmenter;

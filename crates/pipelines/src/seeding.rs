@@ -53,6 +53,13 @@ pub fn seed_for(seed: u64, purpose: Purpose) -> u64 {
     mix(seed ^ mix(purpose as u64).rotate_left(17))
 }
 
+/// The batch of iteration `t` of a run with seed `seed` (see [`genseg_data::sampler`]).
+pub fn batch_indices(seed: u64, n: usize, batch: usize, t: u64) -> Vec<usize> {
+    genseg_data::sampler::batch_indices(n, batch, t, |epoch| {
+        rng_for(seed, Purpose::BatchOrder, epoch)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,8 +60,10 @@ fn a_registered_backbone_trains_evaluates_and_predicts() -> Result<()> {
     cfg.method = Method::Flip;
     cfg.data.path = data.clone();
     cfg.data.size = 32;
-    cfg.model.kind = ModelKind::Registered("tiny".into());
+    cfg.model.kind = ModelKind::Registered;
+    cfg.model.registered.name = "tiny".into();
     cfg.model
+        .registered
         .options
         .insert("kernel".into(), toml::Value::Integer(3));
     cfg.train.iterations = 6;
@@ -75,7 +77,7 @@ fn a_registered_backbone_trains_evaluates_and_predicts() -> Result<()> {
     assert_eq!(test.n_cases, 3);
     // The resolved config names the backbone, so evaluate and predict rebuild it.
     let text = std::fs::read_to_string(run.join("config.toml"))?;
-    assert!(text.contains("registered = \"tiny\""), "{text}");
+    assert!(text.contains("name = \"tiny\""), "{text}");
     let again = evaluate_run(
         &run,
         Which::Best,

@@ -6,8 +6,8 @@ use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
 use genseg::progress::Terminal;
+use genseg_pipelines::config::PostChoice;
 use genseg_pipelines::generate::{GenerateOptions, OutputLayout, generate};
-use genseg_pipelines::methods::separate::PostChoice;
 use genseg_pipelines::run_dir::Which;
 
 /// Arguments of `genseg generate`.

@@ -19,9 +19,10 @@ use genseg_nn::optim::Optimizer;
 use genseg_nn::params::ParamStore;
 use serde_json::{Map, Value, json};
 
-use super::{SEGMENTER_OPTIMIZER, batch_indices, build_model, validation_dice};
 use crate::config::RunConfig;
 use crate::learner::{Color, Figure, Pipeline, State, Validation, curve, panel};
+use crate::seeding::batch_indices;
+use crate::segmenter::{SEGMENTER_OPTIMIZER, build_model, validation_dice};
 
 /// A second loss term on a batch derived from the real one.
 pub trait ExtraTerm {

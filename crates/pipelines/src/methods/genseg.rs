@@ -39,18 +39,20 @@ use genseg_nn::optim::{Adam, AdamConfig, Optimizer};
 use genseg_nn::params::ParamStore;
 use serde_json::json;
 
-use super::pix2pix::{build_pix2pix, read_generator_run};
-use super::{
-    PreparedRun, SEGMENTER_OPTIMIZER, TrainOutcome, batch_indices, build_model, cadence,
-    finish_training, segmenter_weights, subsets, validation_dice,
-};
+use super::pix2pix::build_pix2pix;
 use crate::config::RunConfig;
 use crate::learner::{
     CheckpointMeta, Color, Curve, Figure, Goal, Learner, Observer, Panel, Pipeline, State,
     Validation, curve, panel,
 };
+use crate::run::{PreparedRun, cadence, read_generator_run, subsets};
 use crate::run_dir::RunDir;
+use crate::seeding::batch_indices;
 use crate::seeding::{Purpose, rng_for, seed_for};
+use crate::segmenter::{
+    SEGMENTER_OPTIMIZER, TrainOutcome, build_model, finish_training, segmenter_weights,
+    validation_dice,
+};
 
 /// Where the automatic pre-training of a run without `genseg.generator` goes.
 pub fn pretrain_dir(run: &Path) -> PathBuf {

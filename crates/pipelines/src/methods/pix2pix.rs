@@ -35,13 +35,14 @@ use genseg_nn::checkpoint::Checkpoint;
 use genseg_nn::optim::{Adam, AdamConfig, Optimizer};
 use serde_json::{Map, Value, json};
 
-use super::{PreparedRun, batch_indices, prepare_run, reopen_run};
 use crate::config::{Method, RunConfig};
 use crate::learner::{
     Cadence, CheckpointMeta, Color, Figure, Goal, Learner, Observer, Pipeline, State, Validation,
     curve, panel,
 };
+use crate::run::{PreparedRun, prepare_run, read_generator_run, reopen_run, subsets};
 use crate::run_dir::RunDir;
+use crate::seeding::batch_indices;
 use crate::seeding::{Purpose, rng_for, seed_for};
 
 /// Validation masks shown in each sample grid (rows).
@@ -103,20 +104,6 @@ struct Pretrainer {
 /// The folder of sample grids.
 pub fn samples_dir(run: &Path) -> PathBuf {
     run.join("samples")
-}
-
-/// The configuration of the generator pre-training run `run` (an error when it is another
-/// kind of run).
-pub fn read_generator_run(run: &RunDir) -> Result<RunConfig> {
-    let not_one = || {
-        format!(
-            "{} is not a generator pre-training run (made by `genseg pretrain-generator`)",
-            run.root().display()
-        )
-    };
-    let cfg: RunConfig = run.read_config().with_context(not_one)?;
-    anyhow::ensure!(cfg.method == Method::Pix2pix, "{}", not_one());
-    Ok(cfg)
 }
 
 /// Starts a new pre-training run in `out`.
@@ -261,7 +248,7 @@ impl Pretrainer {
         split: &Split,
         ckpt: Option<&Checkpoint>,
     ) -> Result<Self> {
-        let (train_set, val_set, _) = super::subsets(data, split)?;
+        let (train_set, val_set, _) = subsets(data, split)?;
         anyhow::ensure!(
             train_set.channels() == cfg.generator.out_channels,
             "{} has {}-channel images, the run's generator makes {}",

@@ -13,62 +13,21 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use genseg_data::writer::masks_from_tensor;
 use genseg_generator::generator::Pix2PixGenerator;
-use genseg_generator::postprocess::{GradientPath, PostProcessConfig, PostProcessor, PostStep};
+use genseg_generator::postprocess::{PostProcessConfig, PostProcessor};
 use genseg_masks::{MaskAugmentConfig, MaskAugmenter};
 use genseg_nn::checkpoint::Checkpoint;
 use genseg_nn::params::ParamStore;
 use genseg_nn::rng::SeededRng;
-use serde::{Deserialize, Serialize};
 
 use genseg_data::writer::masks_to_tensor;
 use genseg_generator::pix2pix::{GENERATOR_PREFIX, build_generator};
 use genseg_nn::checkpoint::with_prefix;
 
 use super::baseline::ExtraTerm;
-use super::pix2pix::read_generator_run;
 use crate::config::RunConfig;
+use crate::run::read_generator_run;
 use crate::run_dir::{RunDir, Which};
 use crate::seeding::{Purpose, rng_for, seed_for};
-
-/// How synthetic images are post-processed before use (spec §2).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum PostChoice {
-    /// `xray` with the data's gamma when the data is 1-channel and `data.equalize_gamma > 0`
-    /// (the real images are equalised then), otherwise `min_max`.
-    #[default]
-    Auto,
-    /// Batch min-max to `[0, 1]` only.
-    MinMax,
-    /// Min-max, histogram equalisation, gamma 0.5 (the reference's JSRT chain).
-    Xray,
-    /// Min-max, then torchvision's photometric chain (the reference's ISIC chain).
-    Rgb,
-}
-
-impl PostChoice {
-    /// The post-processing steps for images of `channels` channels whose real counterparts were
-    /// equalised with gamma `equalize_gamma` (0 = not equalised). Always detached.
-    pub fn config(self, channels: usize, equalize_gamma: f32) -> PostProcessConfig {
-        let mut cfg = match self {
-            PostChoice::Auto if channels == 1 && equalize_gamma > 0.0 => PostProcessConfig {
-                steps: vec![
-                    PostStep::MinMax,
-                    PostStep::Equalize { p: 1.0 },
-                    PostStep::Gamma {
-                        gamma: f64::from(equalize_gamma),
-                    },
-                ],
-                gradient: GradientPath::Detach,
-            },
-            PostChoice::Auto | PostChoice::MinMax => PostProcessConfig::default(),
-            PostChoice::Xray => PostProcessConfig::xray(),
-            PostChoice::Rgb => PostProcessConfig::rgb(),
-        };
-        cfg.gradient = GradientPath::Detach;
-        cfg
-    }
-}
 
 /// A generator loaded from a pre-training run.
 pub struct LoadedGenerator {
@@ -244,32 +203,5 @@ impl ExtraTerm for SyntheticTerm {
             &mut rng_for(seed, Purpose::PostProcess, it),
         )?;
         Ok((batch.images, batch.masks))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auto_post_processing_follows_the_real_images() {
-        let auto = PostChoice::Auto.config(1, 0.5);
-        assert_eq!(auto, PostProcessConfig::xray());
-        assert_eq!(
-            PostChoice::Auto.config(1, 0.0),
-            PostProcessConfig::default()
-        );
-        assert_eq!(
-            PostChoice::Auto.config(3, 0.5),
-            PostProcessConfig::default()
-        );
-        assert_eq!(PostChoice::Rgb.config(3, 0.0), PostProcessConfig::rgb());
-        let custom = PostChoice::Auto.config(1, 0.8);
-        assert_eq!(
-            custom.steps[2],
-            PostStep::Gamma {
-                gamma: 0.8f32 as f64
-            }
-        );
     }
 }

@@ -1,0 +1,146 @@
+//! The segmenter's side of every segmentation run: building the configured backbone,
+//! scoring it (validation Dice, reports), and what a run reports at its end.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use genseg_backbones::SegModel;
+use genseg_backbones::evaluate::{mean_dice, score_cases};
+use genseg_backbones::report::{Summary, write_reports};
+use genseg_data::dataset::Dataset;
+use genseg_generator::pix2pix::{DISCRIMINATOR_PREFIX, GENERATOR_PREFIX};
+use genseg_nn::checkpoint::{Checkpoint, without_prefixes};
+use genseg_nn::params::ParamStore;
+
+use crate::config::RunConfig;
+use crate::learner::LoopEnd;
+use crate::run_dir::{RunDir, Which};
+use crate::seeding::{Purpose, seed_for};
+
+/// Checkpoint name of the segmenter's optimizer.
+pub const SEGMENTER_OPTIMIZER: &str = "segmenter";
+
+/// What a finished (or interrupted) training run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    /// Iterations completed.
+    pub iterations: u64,
+    /// Best validation Dice.
+    pub best_val_dice: f64,
+    /// The iteration of `best/`.
+    pub best_iteration: u64,
+    /// `true` when stopped by Ctrl-C before the last iteration.
+    pub interrupted: bool,
+    /// Test-split evaluation of `best/` (when the split has test cases).
+    pub test: Option<Summary>,
+    /// Wall time of this invocation.
+    pub seconds: f64,
+}
+
+/// Builds the configured segmentation model in a fresh store seeded from the run's seed.
+pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(ParamStore, Box<dyn SegModel>)> {
+    let store = ParamStore::new(
+        seed_for(cfg.seed, Purpose::Weights),
+        candle_core::DType::F32,
+        device,
+    );
+    let model = cfg.model.build(store.var_builder())?;
+    Ok((store, model))
+}
+
+/// Mean per-case Dice of `model` on `data` (eval mode), as `genseg evaluate` scores it.
+pub fn validation_dice(
+    model: &dyn SegModel,
+    data: &Dataset,
+    cfg: &RunConfig,
+    device: &Device,
+) -> Result<f64> {
+    let cases = score_cases(model, data, cfg.train.batch_size, &cfg.eval, device)?;
+    Ok(mean_dice(&cases))
+}
+
+/// The segmentation model's tensors of a checkpoint: a GenSeg checkpoint also holds the
+/// generator's and discriminator's, under their prefixes.
+pub fn segmenter_weights(weights: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    without_prefixes(weights, &[GENERATOR_PREFIX, DISCRIMINATOR_PREFIX])
+}
+
+/// Scores `model` on every case of `data` and writes the reports to `out`.
+pub fn evaluate_model(
+    model: &dyn SegModel,
+    data: &Dataset,
+    cfg: &RunConfig,
+    device: &Device,
+    out: &Path,
+    dataset_label: &str,
+    checkpoint_label: &str,
+) -> Result<Summary> {
+    let cases = score_cases(model, data, cfg.train.batch_size, &cfg.eval, device)?;
+    write_reports(out, &cases, &cfg.eval, dataset_label, checkpoint_label)
+}
+
+/// Logs the end of a segmentation run and, unless interrupted, scores `best/` on the test
+/// split into `eval-test/`.
+#[allow(clippy::too_many_arguments)]
+pub fn finish_training(
+    run: &RunDir,
+    cfg: &RunConfig,
+    store: &ParamStore,
+    model: &dyn SegModel,
+    test_set: Option<&Dataset>,
+    device: &Device,
+    iterations: u64,
+    end: LoopEnd,
+) -> Result<TrainOutcome> {
+    let best = end.best;
+    if end.interrupted {
+        tracing::warn!(
+            "interrupted at iteration {iterations}: last/ saved; continue with `genseg train --resume {}`",
+            run.root().display()
+        );
+    }
+    tracing::info!(
+        "trained {iterations} iterations in {:.1} s; best validation Dice {:.4} at iteration {}",
+        end.seconds,
+        best.score,
+        best.iteration
+    );
+    let test = match (test_set, end.interrupted) {
+        (Some(test_set), false) => {
+            let best_dir = run.checkpoint(Which::Best);
+            let ckpt = Checkpoint::load(&best_dir)
+                .with_context(|| format!("loading {}", best_dir.display()))?;
+            store.load_named_tensors(&segmenter_weights(&ckpt.weights), true)?;
+            let out = run.root().join("eval-test");
+            let summary = evaluate_model(
+                model,
+                test_set,
+                cfg,
+                device,
+                &out,
+                &cfg.data.path.display().to_string(),
+                &best_dir.display().to_string(),
+            )?;
+            tracing::info!(
+                "test split ({} cases): Dice {:.4} ± {:.4}, IoU {:.4} -> {}",
+                summary.n_cases,
+                summary.metrics["dice"].mean,
+                summary.metrics["dice"].std,
+                summary.metrics["iou"].mean,
+                out.display()
+            );
+            Some(summary)
+        }
+        _ => None,
+    };
+    Ok(TrainOutcome {
+        iterations,
+        best_val_dice: best.score,
+        best_iteration: best.iteration,
+        interrupted: end.interrupted,
+        test,
+        seconds: end.seconds,
+    })
+}
