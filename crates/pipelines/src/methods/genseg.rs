@@ -81,22 +81,12 @@ pub fn train(
         generator_config(&cfg.genseg.generator, cfg, prepared.data.channels())?;
     }
     prepared.run.write_config(cfg)?;
-    start(prepared, None, device, stop, observer)
+    resume(prepared, None, device, stop, observer)
 }
 
-/// Continues the GenSeg run reopened in `prepared` from `ckpt` (its `last/`): finishes the
-/// automatic pre-training if it was interrupted, then resumes.
+/// Runs the GenSeg run of `prepared` from `ckpt` (its `last/` when resuming, `None` from the
+/// start): finishes (or runs) the automatic pre-training first when it has no generator.
 pub fn resume(
-    prepared: PreparedRun,
-    ckpt: Option<Checkpoint>,
-    device: &Device,
-    stop: &AtomicBool,
-    observer: &mut dyn Observer,
-) -> Result<TrainOutcome> {
-    start(prepared, ckpt, device, stop, observer)
-}
-
-fn start(
     prepared: PreparedRun,
     ckpt: Option<Checkpoint>,
     device: &Device,

@@ -20,14 +20,11 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Result;
 use candle_core::Device;
-use genseg_data::dataset::Dataset;
-use genseg_data::split::Split;
 use genseg_nn::checkpoint::Checkpoint;
 
 use crate::config::{Method, RunConfig};
 use crate::learner::{Goal, Learner, Observer, Pipeline};
 use crate::run::{PreparedRun, cadence, prepare_run, reopen_run, subsets};
-use crate::run_dir::RunDir;
 use crate::segmenter::{TrainOutcome, finish_training};
 
 /// Starts a new segmentation run in `out` with `cfg.method`.
@@ -47,16 +44,10 @@ pub fn train(
     if prepared.cfg.method == Method::Genseg {
         return genseg::train(prepared, device, stop, observer);
     }
-    let PreparedRun {
-        cfg,
-        run,
-        data,
-        split,
-    } = prepared;
     // Fail before config.toml is written when the generator does not fit the data.
-    let extra = extra_term(&cfg, data.channels(), device)?;
-    run.write_config(&cfg)?;
-    supervised(cfg, run, device, &data, &split, extra, None, stop, observer)
+    let extra = extra_term(&prepared.cfg, prepared.data.channels(), device)?;
+    prepared.run.write_config(&prepared.cfg)?;
+    supervised(prepared, None, extra, device, stop, observer)
 }
 
 /// Continues the run in `run_dir` from its `last/` checkpoint.
@@ -75,24 +66,8 @@ pub fn resume(
     if prepared.cfg.method == Method::Genseg {
         return genseg::resume(prepared, ckpt, device, stop, observer);
     }
-    let PreparedRun {
-        cfg,
-        run,
-        data,
-        split,
-    } = prepared;
-    let extra = extra_term(&cfg, data.channels(), device)?;
-    supervised(
-        cfg,
-        run,
-        device,
-        &data,
-        &split,
-        extra,
-        ckpt.as_ref(),
-        stop,
-        observer,
-    )
+    let extra = extra_term(&prepared.cfg, prepared.data.channels(), device)?;
+    supervised(prepared, ckpt.as_ref(), extra, device, stop, observer)
 }
 
 /// The extra loss term of a supervised method (none for the baseline).
@@ -115,19 +90,22 @@ fn extra_term(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Trains the segmenter of `prepared` on real pairs (+ `extra`), from `ckpt` when resuming.
 fn supervised(
-    cfg: RunConfig,
-    run: RunDir,
-    device: &Device,
-    data: &Dataset,
-    split: &Split,
-    extra: Option<Box<dyn baseline::ExtraTerm>>,
+    prepared: PreparedRun,
     ckpt: Option<&Checkpoint>,
+    extra: Option<Box<dyn baseline::ExtraTerm>>,
+    device: &Device,
     stop: &AtomicBool,
     observer: &mut dyn Observer,
 ) -> Result<TrainOutcome> {
-    let (train_set, val_set, test_set) = subsets(data, split)?;
+    let PreparedRun {
+        cfg,
+        run,
+        data,
+        split,
+    } = prepared;
+    let (train_set, val_set, test_set) = subsets(&data, &split)?;
     let mut learner = Learner::new(
         run.clone(),
         cadence(&cfg),

@@ -120,17 +120,15 @@ pub fn pretrain(
         cfg.method
     );
     cfg.validate()?;
+    let prepared = prepare_run(cfg, out)?;
     let PreparedRun {
-        cfg,
-        run,
-        data,
-        split,
-    } = prepare_run(cfg, out)?;
+        cfg, data, split, ..
+    } = &prepared;
     anyhow::ensure!(
         !split.val.is_empty(),
         "the split has no validation cases: they choose the best generator"
     );
-    run.write_config(&cfg)?;
+    prepared.run.write_config(cfg)?;
     tracing::info!(
         "pix2pix pre-training {}: {} ({} train / {} val, {} channel(s), {} px, ngf {}, ndf {})",
         out.display(),
@@ -142,7 +140,7 @@ pub fn pretrain(
         cfg.generator.ngf,
         cfg.discriminator.ndf
     );
-    fit(cfg, run, device, &data, &split, None, stop, observer)
+    fit(prepared, None, device, stop, observer)
 }
 
 /// Continues the pre-training run in `run_dir` from its `last/` checkpoint.
@@ -153,38 +151,24 @@ pub fn resume(
     observer: &mut dyn Observer,
 ) -> Result<PretrainOutcome> {
     read_generator_run(&RunDir::open(run_dir)?)?;
-    let (
-        PreparedRun {
-            cfg,
-            run,
-            data,
-            split,
-        },
-        ckpt,
-    ) = reopen_run(run_dir)?;
-    fit(
-        cfg,
-        run,
-        device,
-        &data,
-        &split,
-        ckpt.as_ref(),
-        stop,
-        observer,
-    )
+    let (prepared, ckpt) = reopen_run(run_dir)?;
+    fit(prepared, ckpt.as_ref(), device, stop, observer)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Pre-trains the networks of `prepared`, from `ckpt` when resuming.
 fn fit(
-    cfg: RunConfig,
-    run: RunDir,
-    device: &Device,
-    data: &Dataset,
-    split: &Split,
+    prepared: PreparedRun,
     ckpt: Option<&Checkpoint>,
+    device: &Device,
     stop: &AtomicBool,
     observer: &mut dyn Observer,
 ) -> Result<PretrainOutcome> {
+    let PreparedRun {
+        cfg,
+        run,
+        data,
+        split,
+    } = prepared;
     let t = &cfg.train;
     let cadence = Cadence {
         total: t.iterations,
@@ -201,7 +185,7 @@ fn fit(
         observer,
         stop,
     )?;
-    let mut pipeline = Pretrainer::new(cfg, run.root(), device, data, split, ckpt)?;
+    let mut pipeline = Pretrainer::new(cfg, run.root(), device, &data, &split, ckpt)?;
     if pipeline.iteration == 0 {
         // The untrained generator's scores: the yardstick for what pre-training bought.
         let mut record = json!({"iteration": 0, "seconds": 0.0});
