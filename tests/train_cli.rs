@@ -282,6 +282,19 @@ fn bad_inputs_are_named_errors() {
     assert!(err.contains("missing"), "{err}");
     let err = fails(&["train", "--resume", &s(&tmp.path().join("nothing"))]);
     assert!(err.contains("not a run folder"), "{err}");
+    // No validation pairs: nothing could choose best/, so the run is refused up front.
+    let err = fails(&[
+        "train",
+        "--data",
+        &s(&data),
+        "--n-train",
+        "7",
+        "--n-val",
+        "0",
+        "--out",
+        &s(&tmp.path().join("no-val")),
+    ]);
+    assert!(err.contains("data.n_val must be > 0"), "{err}");
     let err = fails(&[
         "train",
         "--data",

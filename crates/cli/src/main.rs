@@ -80,11 +80,18 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Ctrl-C (or SIGTERM) asks a training loop to stop after the current step; it then
-/// writes last/ so nothing computed is lost.
+/// writes last/ so nothing computed is lost. A second one exits at once: the last
+/// complete checkpoint stays (checkpoints are written atomically).
 fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting now; the last complete checkpoint stays");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: stopping after the current step (again to exit at once)");
+    })?;
     Ok(stop)
 }
 

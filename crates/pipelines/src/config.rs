@@ -741,6 +741,10 @@ impl RunConfig {
             !t.loss.terms.is_empty(),
             "train.loss needs at least one term"
         );
+        anyhow::ensure!(
+            self.data.n_val > 0 || !self.data.split_file.as_os_str().is_empty(),
+            "data.n_val must be > 0: validation pairs choose best/ (pass --n-val N)"
+        );
         self.model.validate(self.data.size)?;
         anyhow::ensure!(
             t.lambda.is_finite() && t.lambda >= 0.0,
@@ -767,10 +771,6 @@ impl RunConfig {
                 );
             }
             anyhow::ensure!(g.arch_every > 0, "genseg.arch_every must be > 0");
-            anyhow::ensure!(
-                self.data.n_val > 0 || !self.data.split_file.as_os_str().is_empty(),
-                "--method genseg needs validation pairs (data.n_val > 0): α is tuned on them"
-            );
         }
         Ok(())
     }

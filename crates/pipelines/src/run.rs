@@ -11,7 +11,7 @@ use genseg_nn::checkpoint::Checkpoint;
 
 use crate::config::{Method, RunConfig};
 use crate::learner::Cadence;
-use crate::run_dir::RunDir;
+use crate::run_dir::{RunDir, Which};
 
 /// The configuration of the generator pre-training run `run` (an error when it is another
 /// kind of run).
@@ -25,6 +25,20 @@ pub fn read_generator_run(run: &RunDir) -> Result<RunConfig> {
     let cfg: RunConfig = run.read_config().with_context(not_one)?;
     anyhow::ensure!(cfg.method == Method::Pix2pix, "{}", not_one());
     Ok(cfg)
+}
+
+/// The `which` checkpoint of the generator pre-training run `source` (an error naming the
+/// run when it has none yet).
+pub fn generator_checkpoint(source: &Path, which: Which) -> Result<Checkpoint> {
+    RunDir::open(source)?
+        .load_checkpoint(which)?
+        .with_context(|| {
+            format!(
+                "generator run {} has no {}/ checkpoint yet",
+                source.display(),
+                which.name()
+            )
+        })
 }
 
 /// A new run folder with everything a training pipeline starts from.

@@ -50,6 +50,21 @@ impl RunDir {
         let run = Self {
             root: root.to_path_buf(),
         };
+        let leftovers: Vec<String> = [
+            "best", "last", "best.tmp", "last.tmp", "best.old", "last.old",
+        ]
+        .iter()
+        .filter(|name| root.join(name).exists())
+        .map(|name| format!("{name}/"))
+        .collect();
+        if !run.config_path().exists() && !leftovers.is_empty() {
+            bail!(
+                "{} holds checkpoints ({}) but no config.toml: it is not a run this version can \
+                 continue, and a new run would overwrite them; choose another --out",
+                root.display(),
+                leftovers.join(", ")
+            );
+        }
         if run.config_path().exists() {
             bail!(
                 "{} already holds a run (config.toml exists): continue it with `genseg train --resume {}` or choose another --out",
@@ -127,20 +142,35 @@ impl RunDir {
         Ok(split)
     }
 
-    /// The `last/` checkpoint, or `None` (with a warning) when the run has
-    /// not written one yet.
+    /// The `which` checkpoint, or `None` when the run has not written one. A save that a
+    /// crash interrupted is recovered first (a complete `<which>.tmp` or `<which>.old`), so
+    /// nothing that reached the disk is lost.
+    pub fn load_checkpoint(
+        &self,
+        which: Which,
+    ) -> Result<Option<genseg_nn::checkpoint::Checkpoint>> {
+        let dir = self.checkpoint(which);
+        genseg_nn::checkpoint::recover(&dir)
+            .with_context(|| format!("recovering checkpoint {}", dir.display()))?;
+        if !dir.join(genseg_nn::checkpoint::STATE_FILE).is_file() {
+            return Ok(None);
+        }
+        let ckpt = genseg_nn::checkpoint::Checkpoint::load(&dir)
+            .with_context(|| format!("loading checkpoint {}", dir.display()))?;
+        Ok(Some(ckpt))
+    }
+
+    /// The `last/` checkpoint (recovered as [`RunDir::load_checkpoint`] does), or `None`
+    /// (with a warning) when the run has not written one yet.
     pub fn last_checkpoint(&self) -> Result<Option<genseg_nn::checkpoint::Checkpoint>> {
-        let last = self.checkpoint(Which::Last);
-        if !last.join("state.json").exists() {
+        let ckpt = self.load_checkpoint(Which::Last)?;
+        if ckpt.is_none() {
             tracing::warn!(
                 "{} has no last/ checkpoint yet: starting from iteration 0",
                 self.root.display()
             );
-            return Ok(None);
         }
-        let ckpt = genseg_nn::checkpoint::Checkpoint::load(&last)
-            .with_context(|| format!("loading checkpoint {}", last.display()))?;
-        Ok(Some(ckpt))
+        Ok(ckpt)
     }
 
     /// Reads the config back.
@@ -161,19 +191,23 @@ pub struct MetricsLog {
 
 impl MetricsLog {
     /// Opens for appending; with `keep_up_to = Some(i)`, first drops lines of
-    /// iterations after `i` (they are redone after a resume).
+    /// iterations after `i` (they are redone after a resume) and a line cut by a crash.
+    /// Kept lines keep their bytes: a resumed log reads exactly as it was written.
     pub fn open(path: &Path, keep_up_to: Option<u64>) -> Result<Self> {
         if let (Some(limit), true) = (keep_up_to, path.exists()) {
-            let kept: Vec<String> = read_lines(path)?
-                .into_iter()
-                .filter(|v| {
-                    v.get("iteration")
-                        .and_then(|i| i.as_u64())
-                        .is_none_or(|i| i <= limit)
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let text: String = text
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| {
+                        v.get("iteration")
+                            .and_then(|i| i.as_u64())
+                            .is_none_or(|i| i <= limit)
+                    })
                 })
-                .map(|v| v.to_string())
+                .map(|line| format!("{line}\n"))
                 .collect();
-            let text = kept.iter().map(|l| format!("{l}\n")).collect::<String>();
             genseg_nn::checkpoint::write_atomic(path, text.as_bytes())?;
         }
         let file = OpenOptions::new()
@@ -231,6 +265,39 @@ mod tests {
         assert!(err.contains("--resume"), "{err}");
         assert!(RunDir::open(dir.path()).is_ok());
         assert!(RunDir::open(&dir.path().join("nope")).is_err());
+        // Checkpoints without a config are not overwritten either.
+        let orphan = dir.path().join("orphan");
+        std::fs::create_dir_all(orphan.join("best"))?;
+        let err = RunDir::create(&orphan).unwrap_err().to_string();
+        assert!(
+            err.contains("best/") && err.contains("no config.toml"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_checkpoint_left_as_tmp_or_old_by_a_crash_is_recovered() -> Result<()> {
+        use genseg_nn::checkpoint::Checkpoint;
+        let dir = tempfile::tempdir()?;
+        let run = RunDir::create(dir.path())?;
+        run.write_config(&json!({"seed": 1}))?;
+        assert!(run.last_checkpoint()?.is_none());
+        let ckpt = Checkpoint {
+            step: 30,
+            weights: Default::default(),
+            optimizers: Default::default(),
+            rng: Default::default(),
+            config_toml: String::new(),
+            extra: json!({}),
+        };
+        run.save_checkpoint(Which::Last, &ckpt)?;
+        for suffix in ["last.tmp", "last.old"] {
+            std::fs::rename(run.checkpoint(Which::Last), dir.path().join(suffix))?;
+            let back = run.last_checkpoint()?.expect("recovered");
+            assert_eq!(back.step, 30, "from {suffix}");
+            assert!(run.checkpoint(Which::Last).join("state.json").is_file());
+        }
         Ok(())
     }
 
@@ -254,6 +321,12 @@ mod tests {
             .map(|v| v["iteration"].as_u64().unwrap())
             .collect();
         assert_eq!(its, vec![10, 20, 21]);
+        drop(log);
+        // Kept lines keep their bytes, whatever serde_json would print for them.
+        let odd = "{\"iteration\": 5, \"val_dice\": 0.91200000000000003}\n";
+        std::fs::write(&path, odd)?;
+        MetricsLog::open(&path, Some(20))?;
+        assert_eq!(std::fs::read_to_string(&path)?, odd);
         Ok(())
     }
 }

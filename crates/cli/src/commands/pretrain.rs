@@ -78,7 +78,11 @@ pub fn run(args: PretrainArgs, device: &Device, stop: &AtomicBool) -> Result<()>
         outcome.best_iteration
     );
     if outcome.interrupted {
-        bail!("interrupted: resume with `genseg pretrain-generator --resume <run>`");
+        let run = args.resume.as_ref().or(args.out.as_ref());
+        bail!(
+            "interrupted: resume with `genseg pretrain-generator --resume {}`",
+            run.map_or("<run>".into(), |r| r.display().to_string())
+        );
     }
     Ok(())
 }

@@ -94,7 +94,11 @@ pub fn run(args: TrainArgs, device: &Device, stop: &AtomicBool) -> Result<()> {
     }
     println!("{line}");
     if outcome.interrupted {
-        bail!("interrupted: resume with `genseg train --resume <run>`");
+        let run = args.resume.as_ref().or(args.out.as_ref());
+        bail!(
+            "interrupted: resume with `genseg train --resume {}`",
+            run.map_or("<run>".into(), |r| r.display().to_string())
+        );
     }
     Ok(())
 }

@@ -45,7 +45,7 @@ use crate::learner::{
     CheckpointMeta, Color, Curve, Figure, Goal, Learner, Observer, Panel, Pipeline, State,
     Validation, curve, panel,
 };
-use crate::run::{PreparedRun, cadence, read_generator_run, subsets};
+use crate::run::{PreparedRun, cadence, generator_checkpoint, read_generator_run, subsets};
 use crate::run_dir::RunDir;
 use crate::seeding::batch_indices;
 use crate::seeding::{Purpose, rng_for, seed_for};
@@ -351,17 +351,13 @@ impl EndToEnd {
                 c.step
             }
             None => {
-                let dir = RunDir::open(&source)?.checkpoint(g.checkpoint);
-                anyhow::ensure!(
-                    dir.join("state.json").is_file(),
-                    "generator run {} has no {}/ checkpoint yet",
-                    source.display(),
-                    g.checkpoint.name()
-                );
-                let pre = Checkpoint::load(&dir)
-                    .with_context(|| format!("loading generator checkpoint {}", dir.display()))?;
-                nets.load_weights(&pre.weights)
-                    .with_context(|| format!("starting from {}", dir.display()))?;
+                let pre = generator_checkpoint(&source, g.checkpoint)?;
+                nets.load_weights(&pre.weights).with_context(|| {
+                    format!(
+                        "starting from {}",
+                        source.join(g.checkpoint.name()).display()
+                    )
+                })?;
                 0
             }
         };

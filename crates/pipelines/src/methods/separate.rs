@@ -15,7 +15,6 @@ use genseg_data::writer::masks_from_tensor;
 use genseg_generator::generator::Pix2PixGenerator;
 use genseg_generator::postprocess::{PostProcessConfig, PostProcessor};
 use genseg_masks::{MaskAugmentConfig, MaskAugmenter};
-use genseg_nn::checkpoint::Checkpoint;
 use genseg_nn::params::ParamStore;
 use genseg_nn::rng::SeededRng;
 
@@ -25,7 +24,7 @@ use genseg_nn::checkpoint::with_prefix;
 
 use super::baseline::ExtraTerm;
 use crate::config::RunConfig;
-use crate::run::read_generator_run;
+use crate::run::{generator_checkpoint, read_generator_run};
 use crate::run_dir::{RunDir, Which};
 use crate::seeding::{Purpose, rng_for, seed_for};
 
@@ -58,14 +57,7 @@ pub fn load_generator(run: &Path, which: Which, device: &Device) -> Result<Loade
         RunDir::open(run).with_context(|| format!("opening generator run {}", run.display()))?;
     let config = read_generator_run(&dir)?;
     let ckpt_dir = dir.checkpoint(which);
-    anyhow::ensure!(
-        ckpt_dir.join("state.json").is_file(),
-        "generator run {} has no {}/ checkpoint yet",
-        run.display(),
-        which.name()
-    );
-    let ckpt = Checkpoint::load(&ckpt_dir)
-        .with_context(|| format!("loading generator checkpoint {}", ckpt_dir.display()))?;
+    let ckpt = generator_checkpoint(run, which)?;
     let (store, generator) = build_generator(
         &config.generator,
         seed_for(config.seed, Purpose::GeneratorWeights),
