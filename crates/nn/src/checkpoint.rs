@@ -56,6 +56,28 @@ pub struct Checkpoint {
     pub extra: serde_json::Value,
 }
 
+/// Checks that every value of `weights` is finite; the error counts the values that are
+/// not and names the first tensor holding one.
+pub fn check_finite(weights: &BTreeMap<String, Tensor>) -> anyhow::Result<()> {
+    let (mut bad, mut total, mut first) = (0usize, 0usize, None);
+    for (name, t) in weights {
+        let values = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?;
+        let n = values.iter().filter(|v| !v.is_finite()).count();
+        if n > 0 && first.is_none() {
+            first = Some(name.as_str());
+        }
+        bad += n;
+        total += values.len();
+    }
+    match first {
+        None => Ok(()),
+        Some(name) => bail!("{bad} of {total} weights are not finite (first in {name})"),
+    }
+}
+
 /// The tensors of `weights` under `prefix.`: one network of a checkpoint that holds several
 /// (each network's store is built under its own prefix, e.g. `netG`, `netD`).
 pub fn with_prefix(weights: &BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<String, Tensor> {
@@ -124,10 +146,20 @@ impl Checkpoint {
 
     /// Writes the checkpoint to `dir` atomically (see the module docs), replacing any
     /// checkpoint already there.
+    ///
+    /// Weights that are not all finite (a diverged run) are refused, so the checkpoint
+    /// already at `dir` — the last good state — stays.
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         for name in self.optimizers.keys() {
             check_optimizer_name(name)?;
         }
+        check_finite(&self.weights).with_context(|| {
+            format!(
+                "step {}: training diverged, so it is not saved ({} keeps the last good state)",
+                self.step,
+                dir.display()
+            )
+        })?;
         let paths = SwapPaths::new(dir)?;
         recover(dir)?;
         refuse_non_checkpoint(dir)?;
@@ -193,6 +225,9 @@ impl Checkpoint {
             );
         }
         let (weights, _) = read_safetensors(&dir.join(WEIGHTS_FILE), &Device::Cpu)?;
+        check_finite(&weights).with_context(|| {
+            format!("checkpoint {} is damaged", dir.join(WEIGHTS_FILE).display())
+        })?;
         let mut optimizers = BTreeMap::new();
         for name in state.optimizers {
             check_optimizer_name(&name).with_context(|| format!("in {}", state_path.display()))?;
@@ -477,6 +512,35 @@ mod tests {
         assert_eq!(optim.tensors.len(), 1);
         // Nothing but the checkpoint itself is left beside it.
         assert_eq!(entries(root.path()), ["ckpt"]);
+    }
+
+    #[test]
+    fn non_finite_weights_are_neither_saved_nor_loaded() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("last");
+        sample(3, 0.5).save(&dir).unwrap();
+        let mut diverged = sample(4, f64::NAN);
+        let err = format!("{:#}", diverged.save(&dir).unwrap_err());
+        assert!(
+            err.contains("diverged") && err.contains("not finite") && err.contains("seg.weight"),
+            "{err}"
+        );
+        // The last good checkpoint stays.
+        assert_eq!(Checkpoint::load(&dir).unwrap().step, 3);
+        // A file whose values turned non-finite (damaged on disk) is refused on load.
+        diverged.weights.insert(
+            "seg.weight".into(),
+            Tensor::full(f64::INFINITY, (2, 3), &Device::Cpu).unwrap(),
+        );
+        let (host, _) = read_safetensors(&dir.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+        let mut damaged = host.clone();
+        damaged.insert("seg.weight".into(), diverged.weights["seg.weight"].clone());
+        write_safetensors(&dir.join(WEIGHTS_FILE), &damaged, None).unwrap();
+        let err = format!("{:#}", Checkpoint::load(&dir).unwrap_err());
+        assert!(
+            err.contains("damaged") && err.contains("not finite"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -46,6 +46,34 @@ pub fn input_files(input: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The output name of each input file: its stem, or — where two inputs share a stem
+/// (`a.png`, `a.jpg`) — its whole file name with the dot replaced (`a_png`, `a_jpg`), so
+/// no prediction overwrites another.
+pub fn output_names(files: &[PathBuf]) -> Vec<String> {
+    let stem = |f: &PathBuf| {
+        f.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into())
+    };
+    let mut count = std::collections::BTreeMap::<String, usize>::new();
+    for f in files {
+        *count.entry(stem(f)).or_default() += 1;
+    }
+    files
+        .iter()
+        .map(|f| {
+            let s = stem(f);
+            if count[&s] > 1 {
+                f.file_name()
+                    .map(|n| n.to_string_lossy().replace('.', "_"))
+                    .unwrap_or(s)
+            } else {
+                s
+            }
+        })
+        .collect()
+}
+
 /// Segments every image of `input` into `out/masks` and `out/overlays`;
 /// returns the number of images.
 pub fn predict(
@@ -59,18 +87,15 @@ pub fn predict(
     let data_cfg = loaded.cfg.data.data_config()?;
     let channels = loaded.cfg.model.in_channels();
     let files = input_files(input)?;
-    for file in &files {
+    let names = output_names(&files);
+    for (file, name) in files.iter().zip(&names) {
         let image = decode(file)?;
         let mask = segment(loaded.model.as_ref(), &image, &data_cfg, channels, device)
             .with_context(|| format!("segmenting {}", file.display()))?;
-        let stem = file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "image".into());
-        write_mask_png(&out.join("masks").join(format!("{stem}.png")), &mask)?;
+        write_mask_png(&out.join("masks").join(format!("{name}.png")), &mask)?;
         let drawn = overlay(&image.to_rgb8(), &mask, OverlayStyle::default())?;
         write_image(
-            &out.join("overlays").join(format!("{stem}.png")),
+            &out.join("overlays").join(format!("{name}.png")),
             &DynamicImage::ImageRgb8(drawn),
         )?;
     }
@@ -99,4 +124,18 @@ pub fn segment(
         .map(|v| if v > 0.0 { 255u8 } else { 0 })
         .collect();
     GrayImage::from_raw(w0, h0, pixels).context("mask buffer size")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_sharing_a_stem_get_distinct_outputs() {
+        let files: Vec<PathBuf> = ["x/a.png", "x/a.jpg", "x/b.png"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(output_names(&files), ["a_png", "a_jpg", "b"]);
+    }
 }
