@@ -11,7 +11,7 @@ use genseg_nn::checkpoint::Checkpoint;
 
 use crate::config::{Method, RunConfig};
 use crate::learner::Cadence;
-use crate::run_dir::{RunDir, Which};
+use crate::run_dir::{RunDir, RunLock, Which};
 
 /// The configuration of the generator pre-training run `run` (an error when it is another
 /// kind of run).
@@ -51,6 +51,8 @@ pub struct PreparedRun {
     pub data: Dataset,
     /// The split in use.
     pub split: Split,
+    /// The claim on the run folder, held while the run trains.
+    pub lock: RunLock,
 }
 
 /// Creates the run folder `out` for `cfg`: absolute data path, the pool loaded, the split
@@ -85,6 +87,7 @@ pub fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
         cfg.adopt_generator(&read_generator_run(&dir)?);
     }
     let run = RunDir::create(out)?;
+    let lock = RunLock::acquire(run.root())?;
     crate::logging::log_to_file(&run.log_path())?;
     let data = cfg.data.load(&cfg.data.path)?;
     cfg.fit_to_data(data.channels());
@@ -106,6 +109,7 @@ pub fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
         run,
         data,
         split,
+        lock,
     })
 }
 
@@ -113,6 +117,7 @@ pub fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
 /// (checked), data and split, and its `last/` checkpoint (`None` when it has none yet).
 pub fn reopen_run(run_dir: &Path) -> Result<(PreparedRun, Option<Checkpoint>)> {
     let run = RunDir::open(run_dir)?;
+    let lock = RunLock::acquire(run.root())?;
     crate::logging::log_to_file(&run.log_path())?;
     let cfg: RunConfig = run.read_config()?;
     cfg.validate()?;
@@ -125,6 +130,7 @@ pub fn reopen_run(run_dir: &Path) -> Result<(PreparedRun, Option<Checkpoint>)> {
             run,
             data,
             split,
+            lock,
         },
         ckpt,
     ))

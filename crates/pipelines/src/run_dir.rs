@@ -182,6 +182,69 @@ impl RunDir {
     }
 }
 
+/// An exclusive claim on a run folder while a process trains in it: the file `.lock`
+/// holding the owner's PID, removed when the claim is dropped. A lock whose process is
+/// gone (killed) is stale and taken over.
+#[derive(Debug)]
+pub struct RunLock {
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// Claims `root`; an error names the process that holds it.
+    pub fn acquire(root: &Path) -> Result<Self> {
+        let path = root.join(".lock");
+        loop {
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut file) => {
+                    writeln!(file, "{}", std::process::id())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    return Ok(Self { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u32>().ok());
+                    match owner {
+                        Some(pid) if process_alive(pid) => bail!(
+                            "{} is in use by process {pid} (see its .lock): wait for that run \
+                             to finish or stop it first",
+                            root.display()
+                        ),
+                        _ => {
+                            tracing::warn!(
+                                "{}: taking over a stale lock (its process is gone)",
+                                root.display()
+                            );
+                            std::fs::remove_file(&path)
+                                .with_context(|| format!("removing stale {}", path.display()))?;
+                        }
+                    }
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating {}", path.display()));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // Nothing to do if it is already gone; a failure leaves a lock that is stale by PID.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether process `pid` exists (on Linux, by /proc; elsewhere a lock is never stale).
+fn process_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
 /// Appends one JSON object per line to `metrics.jsonl`, flushed each time so
 /// a crash loses nothing already logged.
 pub struct MetricsLog {
@@ -298,6 +361,23 @@ mod tests {
             assert_eq!(back.step, 30, "from {suffix}");
             assert!(run.checkpoint(Which::Last).join("state.json").is_file());
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_run_folder_is_locked_while_in_use_and_stale_locks_are_taken_over() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let lock = RunLock::acquire(dir.path())?;
+        let err = RunLock::acquire(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(&std::process::id().to_string()) && err.contains("in use"),
+            "{err}"
+        );
+        drop(lock);
+        assert!(!dir.path().join(".lock").exists());
+        // A lock left by a process that is gone (PIDs this large are never assigned).
+        std::fs::write(dir.path().join(".lock"), "4294967295\n")?;
+        let _lock = RunLock::acquire(dir.path())?;
         Ok(())
     }
 

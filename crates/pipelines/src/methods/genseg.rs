@@ -98,6 +98,7 @@ pub fn resume(
         run,
         data,
         split,
+        lock: _lock,
     } = prepared;
     if !ensure_generator(&cfg, &run, device, stop, observer)? {
         anyhow::bail!(

@@ -104,6 +104,7 @@ fn supervised(
         run,
         data,
         split,
+        lock: _lock,
     } = prepared;
     let (train_set, val_set, test_set) = subsets(&data, &split)?;
     let mut learner = Learner::new(

@@ -168,6 +168,7 @@ fn fit(
         run,
         data,
         split,
+        lock: _lock,
     } = prepared;
     let t = &cfg.train;
     let cadence = Cadence {
