@@ -295,6 +295,12 @@ fn bad_inputs_are_named_errors() {
         &s(&tmp.path().join("no-val")),
     ]);
     assert!(err.contains("data.n_val must be > 0"), "{err}");
+    // A runaway size is refused before anything is allocated.
+    let mut args = train(&data, &tmp.path().join("huge"), 2, &[]);
+    args.extend(["--set".into(), "data.size=100000".into()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&refs);
+    assert!(err.contains("data.size 100000"), "{err}");
     let err = fails(&[
         "train",
         "--data",

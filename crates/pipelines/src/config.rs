@@ -27,6 +27,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::run_dir::Which;
 
+/// The largest image side a run accepts (`data.size`).
+pub const MAX_SIZE: u32 = 4096;
+/// The largest batch a run accepts (`train.batch_size`).
+pub const MAX_BATCH: usize = 1024;
+
 /// Starting points for a run's configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -723,6 +728,18 @@ impl RunConfig {
         let t = &self.train;
         anyhow::ensure!(t.iterations > 0, "train.iterations must be > 0");
         anyhow::ensure!(t.batch_size > 0, "train.batch_size must be > 0");
+        // Checked before anything is allocated: a typo such as data.size=100000 would
+        // otherwise ask for tens of gigabytes per batch and hold the process in one step.
+        anyhow::ensure!(
+            (1..=MAX_SIZE).contains(&self.data.size),
+            "data.size {} is outside 1..={MAX_SIZE} pixels",
+            self.data.size
+        );
+        anyhow::ensure!(
+            t.batch_size <= MAX_BATCH,
+            "train.batch_size {} is larger than {MAX_BATCH}",
+            t.batch_size
+        );
         anyhow::ensure!(
             t.lr > 0.0 && t.lr.is_finite(),
             "train.lr {} must be a positive number",
