@@ -124,9 +124,10 @@ pub fn write_reports(
         .copied()
         .filter(|n| *n != "hd95" || opts.hd95)
         .collect();
+    // Both files are built in memory and written atomically: a full disk leaves the
+    // previous report (or none), never a truncated one.
     let csv_path = dir.join("per_case.csv");
-    let mut csv = csv::Writer::from_path(&csv_path)
-        .with_context(|| format!("writing {}", csv_path.display()))?;
+    let mut csv = csv::Writer::from_writer(Vec::new());
     let mut header = vec!["id"];
     header.extend(&names);
     csv.write_record(&header)?;
@@ -140,13 +141,14 @@ pub fn write_reports(
         }));
         csv.write_record(&row)?;
     }
-    csv.flush()
-        .with_context(|| format!("writing {}", csv_path.display()))?;
+    let table = csv
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", csv_path.display()))?;
+    genseg_nn::checkpoint::write_atomic(&csv_path, &table)?;
     let summary = summarize(cases, opts, dataset, checkpoint);
     let json_path = dir.join("summary.json");
     let json = serde_json::to_string_pretty(&summary)?;
-    std::fs::write(&json_path, json + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
+    genseg_nn::checkpoint::write_atomic(&json_path, (json + "\n").as_bytes())?;
     Ok(summary)
 }
 

@@ -17,11 +17,31 @@ fn create_parent(path: &Path) -> Result<()> {
 }
 
 /// Writes any image; the format follows the extension (PNG for `.png`).
+///
+/// The file appears whole or not at all: the image is encoded in memory, written to a
+/// temporary sibling and renamed into place, so a full disk or a crash never leaves a
+/// truncated image behind.
 pub fn write_image(path: &Path, image: &DynamicImage) -> Result<()> {
     create_parent(path)?;
-    image.save(path).map_err(|source| DataError::Encode {
+    let encode = |source| DataError::Encode {
         path: path.to_path_buf(),
         source,
+    };
+    let format = image::ImageFormat::from_path(path).map_err(encode)?;
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut bytes, format).map_err(encode)?;
+    write_file_atomic(path, bytes.get_ref())
+}
+
+/// Writes `bytes` to `path` through a temporary sibling and a rename.
+fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        DataError::io(path, e)
     })
 }
 
@@ -314,5 +334,22 @@ mod tests {
         assert!(masks_to_tensor(&[a, GrayImage::new(3, 3)], &Device::Cpu).is_err());
         assert!(masks_to_tensor(&[], &Device::Cpu).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn images_are_written_whole_through_a_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/a.png");
+        let img = DynamicImage::ImageLuma8(GrayImage::new(3, 2));
+        write_image(&path, &img).unwrap();
+        write_image(&path, &img).unwrap();
+        assert_eq!(image::open(&path).unwrap().width(), 3);
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["a.png"], "no temporary file is left");
+        let err = write_image(&dir.path().join("a.unknown"), &img).unwrap_err();
+        assert!(err.to_string().contains("a.unknown"), "{err}");
     }
 }
