@@ -110,6 +110,16 @@ struct StateJson {
     optimizers: Vec<String>,
     rng: BTreeMap<String, RngState>,
     extra: serde_json::Value,
+    /// CRC-32 of every file of the checkpoint but this one, by file name (absent in
+    /// checkpoints written before checksums existed: they are not verified).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    checksums: BTreeMap<String, u32>,
+}
+
+/// The CRC-32 of the file at `path`.
+fn file_crc(path: &Path) -> anyhow::Result<u32> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(crc32fast::hash(&bytes))
 }
 
 fn optim_file(name: &str) -> String {
@@ -195,12 +205,19 @@ impl Checkpoint {
             state.save(dir.join(optim_file(name)))?;
         }
         write_atomic(&dir.join(CONFIG_FILE), self.config_toml.as_bytes())?;
+        let mut files = vec![WEIGHTS_FILE.to_string(), CONFIG_FILE.to_string()];
+        files.extend(self.optimizers.keys().map(|n| optim_file(n)));
+        let checksums = files
+            .into_iter()
+            .map(|f| Ok((f.clone(), file_crc(&dir.join(&f))?)))
+            .collect::<anyhow::Result<_>>()?;
         let state = StateJson {
             format_version: FORMAT_VERSION,
             step: self.step,
             optimizers: self.optimizers.keys().cloned().collect(),
             rng: self.rng.clone(),
             extra: self.extra.clone(),
+            checksums,
         };
         let json = serde_json::to_vec_pretty(&state).context("serialising state.json")?;
         // Last: its presence marks the directory as complete.
@@ -223,6 +240,17 @@ impl Checkpoint {
                 state_path.display(),
                 state.format_version
             );
+        }
+        for (file, expected) in &state.checksums {
+            let path = dir.join(file);
+            let actual = file_crc(&path)?;
+            if actual != *expected {
+                bail!(
+                    "{} is damaged: its checksum is {actual:08x}, state.json recorded \
+                     {expected:08x} (the file changed after the checkpoint was written)",
+                    path.display()
+                );
+            }
         }
         let (weights, _) = read_safetensors(&dir.join(WEIGHTS_FILE), &Device::Cpu)?;
         check_finite(&weights).with_context(|| {
@@ -537,10 +565,26 @@ mod tests {
         damaged.insert("seg.weight".into(), diverged.weights["seg.weight"].clone());
         write_safetensors(&dir.join(WEIGHTS_FILE), &damaged, None).unwrap();
         let err = format!("{:#}", Checkpoint::load(&dir).unwrap_err());
-        assert!(
-            err.contains("damaged") && err.contains("not finite"),
-            "{err}"
-        );
+        assert!(err.contains("damaged") && err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn a_changed_byte_in_any_file_is_caught_by_its_checksum() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("best");
+        sample(5, 0.75).save(&dir).unwrap();
+        for file in [WEIGHTS_FILE, "optim-segmenter.safetensors", CONFIG_FILE] {
+            let path = dir.join(file);
+            let good = fs::read(&path).unwrap();
+            let mut bad = good.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 0x01;
+            fs::write(&path, &bad).unwrap();
+            let err = format!("{:#}", Checkpoint::load(&dir).unwrap_err());
+            assert!(err.contains(file) && err.contains("checksum"), "{err}");
+            fs::write(&path, &good).unwrap();
+        }
+        assert_eq!(Checkpoint::load(&dir).unwrap().step, 5);
     }
 
     #[test]
