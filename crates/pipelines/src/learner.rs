@@ -244,10 +244,6 @@ impl Observer for Silent {}
 pub trait Pipeline {
     /// The method's name (recorded in checkpoints).
     fn method(&self) -> &'static str;
-    /// Whether a higher or a lower validation score is better.
-    fn goal(&self) -> Goal {
-        Goal::Maximise
-    }
     /// Iterations completed so far (the learner resumes from here).
     fn iteration(&self) -> u64;
     /// Runs one iteration and advances [`Pipeline::iteration`] by one. Returns the numbers of
@@ -285,7 +281,6 @@ pub struct Learner<'a> {
     config_toml: String,
     best: Best,
     metrics: MetricsLog,
-    meta: CheckpointMeta,
     observer: &'a mut dyn Observer,
     stop: &'a AtomicBool,
     started: Instant,
@@ -303,9 +298,9 @@ impl<'a> Learner<'a> {
         observer: &'a mut dyn Observer,
         stop: &'a AtomicBool,
     ) -> Result<Self> {
-        let (iteration, meta) = match ckpt {
-            Some(c) => (c.step, CheckpointMeta::of(c)?),
-            None => (0, CheckpointMeta::default()),
+        let (iteration, best) = match ckpt {
+            Some(c) => (c.step, CheckpointMeta::of(c)?.best(goal)),
+            None => (0, Best::none(goal)),
         };
         if ckpt.is_none() && run.metrics_path().exists() {
             // Restarting from iteration 0: every old line is redone.
@@ -317,23 +312,12 @@ impl<'a> Learner<'a> {
             run,
             cadence,
             config_toml,
-            best: meta.best(goal),
+            best,
             metrics,
-            meta,
             observer,
             stop,
             started: Instant::now(),
         })
-    }
-
-    /// The run folder.
-    pub fn run_dir(&self) -> &RunDir {
-        &self.run
-    }
-
-    /// The meta of the checkpoint the learner resumed from (default when it started afresh).
-    pub fn resumed_meta(&self) -> &CheckpointMeta {
-        &self.meta
     }
 
     /// The best validation so far.

@@ -37,10 +37,10 @@ use serde_json::{Map, Value, json};
 
 use crate::config::{Method, RunConfig};
 use crate::learner::{
-    Cadence, CheckpointMeta, Color, Figure, Goal, Learner, Observer, Pipeline, State, Validation,
-    curve, panel,
+    CheckpointMeta, Color, Figure, Goal, Learner, Observer, Pipeline, State, Validation, curve,
+    panel,
 };
-use crate::run::{PreparedRun, prepare_run, read_generator_run, reopen_run, subsets};
+use crate::run::{PreparedRun, cadence, prepare_run, read_generator_run, reopen_run, subsets};
 use crate::run_dir::RunDir;
 use crate::seeding::batch_indices;
 use crate::seeding::{Purpose, rng_for, seed_for};
@@ -170,16 +170,9 @@ fn fit(
         split,
         lock: _lock,
     } = prepared;
-    let t = &cfg.train;
-    let cadence = Cadence {
-        total: t.iterations,
-        val_every: t.val_every,
-        log_every: t.log_every,
-        checkpoint_every: t.checkpoint_every,
-    };
     let mut learner = Learner::new(
         run.clone(),
-        cadence,
+        cadence(&cfg),
         toml::to_string_pretty(&cfg)?,
         Goal::Minimise,
         ckpt,
@@ -323,10 +316,6 @@ impl Pretrainer {
 impl Pipeline for Pretrainer {
     fn method(&self) -> &'static str {
         "pix2pix"
-    }
-
-    fn goal(&self) -> Goal {
-        Goal::Minimise
     }
 
     fn iteration(&self) -> u64 {
