@@ -14,6 +14,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use genseg_nn::batch_norm::{BatchNorm2d, BatchNormConfig};
 use genseg_nn::conv::Conv2d;
 use genseg_nn::init::{InitScheme, conv2d};
+use genseg_nn::ops::leaky_relu;
 use serde::{Deserialize, Serialize};
 
 /// Every hyperparameter of a [`PatchDiscriminator`]; defaults are the reference's.
@@ -222,8 +223,7 @@ impl PatchDiscriminator {
                 x = norm.forward_t(&x, train)?;
             }
             if layer.activation {
-                // LeakyReLU(0.2) = 0.8·relu(x) + 0.2·x
-                x = (x.relu()?.affine(1.0 - LEAKY_SLOPE, 0.0)? + x.affine(LEAKY_SLOPE, 0.0)?)?;
+                x = leaky_relu(&x, LEAKY_SLOPE)?;
             }
         }
         Ok(x)

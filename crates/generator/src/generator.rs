@@ -32,6 +32,7 @@ use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 use genseg_nn::batch_norm::{BatchNorm2d, BatchNormConfig};
 use genseg_nn::conv::{Conv2d, ConvTranspose2d};
 use genseg_nn::init::{InitScheme, conv_transpose2d, conv2d};
+use genseg_nn::ops::leaky_relu;
 use genseg_nn::rng::{SeededRng, dropout};
 use serde::{Deserialize, Serialize};
 
@@ -255,11 +256,6 @@ fn join(prefix: &str, name: &str) -> String {
     }
 }
 
-/// `LeakyReLU(0.2)` as `0.8·relu(x) + 0.2·x`: two cheap differentiable ops.
-fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    x.relu()?.affine(1.0 - LEAKY_SLOPE, 0.0)? + x.affine(LEAKY_SLOPE, 0.0)?
-}
-
 impl Pix2PixGenerator {
     /// Builds the generator; parameters are created (or fetched) through `vb` with the
     /// reference's paths under `model` and the α tables under `arch`.
@@ -456,7 +452,7 @@ impl Pix2PixGenerator {
                 skips.push(None);
                 x
             } else {
-                let a = leaky_relu(&x)?;
+                let a = leaky_relu(&x, LEAKY_SLOPE)?;
                 skips.push(Some(if self.cfg.skip_after_leaky_relu {
                     a.clone()
                 } else {

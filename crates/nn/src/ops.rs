@@ -11,6 +11,7 @@
 //! | `candle_nn::loss::binary_cross_entropy_with_logit` | `inf` at \|logit\| = 100 | [`bce_with_logits`] |
 //! | `Tensor::upsample_bilinear2d` | backward errors | [`resize_bilinear`] |
 //! | `Tensor::max_pool2d_with_stride` (kernel != stride) | backward errors | [`max_pool2d`] |
+//! | (none) | instance norm, leaky ReLU | [`instance_norm`], [`InstanceNorm2d`], [`leaky_relu`] |
 //! | (none) | reflection padding | [`reflection_pad2d`], [`replication_pad2d`] |
 //! | `pad_with_zeros` + `broadcast_mul` + add | keeps ~8 padded kernel copies alive | [`weighted_centred_sum`] |
 //!
@@ -27,7 +28,13 @@ mod softmax;
 
 pub use centred_sum::weighted_centred_sum;
 pub use loss::{bce_with_logits, bce_with_logits_per_element, bce_with_logits_sum};
-pub use norm::{LayerNorm, layer_norm};
+pub use norm::{InstanceNorm2d, LayerNorm, instance_norm, layer_norm};
+
+/// `LeakyReLU(slope)` for `0 <= slope <= 1` as `(1 - slope)·relu(x) + slope·x`: two cheap
+/// differentiable ops (the gradient at 0 is `slope`, as in PyTorch).
+pub fn leaky_relu(x: &candle_core::Tensor, slope: f64) -> candle_core::Result<candle_core::Tensor> {
+    x.relu()?.affine(1.0 - slope, 0.0)? + x.affine(slope, 0.0)?
+}
 pub use pad::{reflection_pad2d, replication_pad2d};
 pub use pool::max_pool2d;
 pub use resize::resize_bilinear;

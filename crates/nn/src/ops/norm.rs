@@ -1,4 +1,4 @@
-//! Layer normalisation from differentiable primitives.
+//! Layer and instance normalisation from differentiable primitives.
 //!
 //! `candle_nn::LayerNorm` dispatches contiguous inputs to a fused custom op without backward,
 //! so weights and inputs get no gradient and no error is raised. [`layer_norm`] computes the
@@ -42,6 +42,75 @@ pub fn layer_norm(
     match bias {
         Some(b) => scaled.broadcast_add(b),
         None => Ok(scaled),
+    }
+}
+
+/// Instance normalisation of `[N, C, H, W]` (PyTorch `F.instance_norm` without running
+/// statistics): each `(n, c)` plane normalised to zero mean and unit (biased) variance, then
+/// the optional per-channel `weight` and `bias` (each `[C]`). The same function in training and
+/// evaluation, which is why nnU-Net uses it at batch size 2.
+pub fn instance_norm(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "instance_norm: expected a [N, C, H, W] input, got shape {:?}",
+            x.dims()
+        ))
+    })?;
+    for (p, what) in [(weight, "weight"), (bias, "bias")] {
+        if let Some(p) = p
+            && p.dims() != [c]
+        {
+            bail!(
+                "instance_norm: {what} has shape {:?}, expected [{c}] for input shape {:?}",
+                p.dims(),
+                x.dims()
+            );
+        }
+    }
+    let planes = x.reshape((n, c, h * w))?;
+    let centered = planes.broadcast_sub(&planes.mean_keepdim(D::Minus1)?)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let scaled = match weight {
+        Some(w) => normed.broadcast_mul(&w.reshape((1, c, 1))?)?,
+        None => normed,
+    };
+    let shifted = match bias {
+        Some(b) => scaled.broadcast_add(&b.reshape((1, c, 1))?)?,
+        None => scaled,
+    };
+    shifted.reshape((n, c, h, w))
+}
+
+/// An affine instance-norm layer over `channels` (`weight` initialised to 1, `bias` to 0,
+/// eps `1e-5`: `torch.nn.InstanceNorm2d(c, affine=True)`, nnU-Net's norm).
+#[derive(Clone, Debug)]
+pub struct InstanceNorm2d {
+    /// Per-channel scale, shape `[C]`.
+    pub weight: Tensor,
+    /// Per-channel shift, shape `[C]`.
+    pub bias: Tensor,
+    /// Added to the variance before the square root.
+    pub eps: f64,
+}
+
+impl InstanceNorm2d {
+    /// Creates (or loads) `weight` and `bias` of size `channels` under `vb`.
+    pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+impl Module for InstanceNorm2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        instance_norm(xs, Some(&self.weight), Some(&self.bias), self.eps)
     }
 }
 
@@ -149,6 +218,48 @@ mod tests {
             )?
             .ensure(1e-6)?;
         }
+        Ok(())
+    }
+
+    #[test]
+    fn instance_norm_normalises_each_plane() -> anyhow::Result<()> {
+        // Plane (0, 1) is [1, 2, 3, 4]: mean 2.5, biased variance 1.25.
+        let x = uniform(1, &[2, 3, 2, 2], 3.0)?;
+        let x = x.slice_assign(
+            &[0..1, 1..2, 0..2, 0..2],
+            &Tensor::new(&[[[[1f64, 2.0], [3.0, 4.0]]]], &Device::Cpu)?,
+        )?;
+        let w = Tensor::new(&[1f64, 2.0, 1.0], &Device::Cpu)?;
+        let b = Tensor::new(&[0f64, 10.0, 0.0], &Device::Cpu)?;
+        let y = instance_norm(&x, Some(&w), Some(&b), 0.0)?;
+        let plane = y.get(0)?.get(1)?.flatten_all()?.to_vec1::<f64>()?;
+        let s = 1.25f64.sqrt();
+        for (g, want) in plane.iter().zip([-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s]) {
+            assert!((g - (2.0 * want + 10.0)).abs() < 1e-12, "{plane:?}");
+        }
+        // Every plane without affine: mean 0, variance 1.
+        let y = instance_norm(&x, None, None, 0.0)?.reshape((6, 4))?;
+        let mean = y.mean_keepdim(1)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let var = y.sqr()?.mean_keepdim(1)?.flatten_all()?.to_vec1::<f64>()?;
+        assert!(
+            mean < 1e-12 && var.iter().all(|v| (v - 1.0).abs() < 1e-9),
+            "{var:?}"
+        );
+        assert!(instance_norm(&x, Some(&b.narrow(0, 0, 2)?), None, 0.0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn gradcheck_instance_norm() -> anyhow::Result<()> {
+        let x = uniform(4, &[2, 3, 3, 2], 2.0)?;
+        let w = uniform(5, &[3], 1.5)?;
+        let b = uniform(6, &[3], 1.0)?;
+        check_gradients(
+            |v| weighted_sum(&instance_norm(&v[0], Some(&v[1]), Some(&v[2]), 1e-5)?, 7),
+            &[x, w, b],
+            GradCheckOptions::default(),
+        )?
+        .ensure(1e-6)?;
         Ok(())
     }
 
