@@ -32,6 +32,7 @@ pub mod evaluate;
 pub mod loss;
 pub mod metrics;
 pub mod report;
+pub mod tta;
 pub mod unet;
 
 use candle_core::{Result, Tensor};
@@ -42,6 +43,12 @@ pub trait SegModel: Send + Sync {
     /// `train` selects batch statistics (and updates running statistics) in
     /// BatchNorm layers.
     fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// The logits at full resolution followed by the deep-supervision outputs, each half
+    /// the side of the one before. Models without deep supervision return `[forward_t]`.
+    fn forward_deep_t(&self, images: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        Ok(vec![self.forward_t(images, train)?])
+    }
 
     /// The variable-name prefixes of the model's parameter groups, as
     /// `(group name, prefix in the ParamStore)`. Backbones have one group,

@@ -52,6 +52,31 @@ impl SegLoss {
         }
     }
 
+    /// The deeply supervised loss of nnU-Net: `outputs[i]` (side `H >> i`, as
+    /// [`crate::SegModel::forward_deep_t`] returns them) is scored against the targets
+    /// average-pooled by `2^i` and thresholded at 0.5, with weight `2^-i`, the weights
+    /// normalised to sum to 1. One output is [`SegLoss::forward`].
+    pub fn forward_deep(&self, outputs: &[Tensor], targets: &Tensor) -> Result<Tensor> {
+        let weights = deep_supervision_weights(outputs.len());
+        let mut total: Option<Tensor> = None;
+        for (i, (logits, w)) in outputs.iter().zip(weights).enumerate() {
+            let scaled = if i == 0 {
+                targets.clone()
+            } else {
+                targets
+                    .avg_pool2d(1 << i)?
+                    .ge(0.5)?
+                    .to_dtype(targets.dtype())?
+            };
+            let term = (self.forward(logits, &scaled)? * w)?;
+            total = Some(match total {
+                None => term,
+                Some(t) => (t + term)?,
+            });
+        }
+        total.ok_or_else(|| candle_core::Error::Msg("forward_deep: no outputs".into()))
+    }
+
     /// `logits` and `targets`: `[B, 1, H, W]`; returns a scalar.
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         if self.terms.is_empty() {
@@ -125,6 +150,13 @@ pub fn scalar(t: &Tensor) -> Result<f64> {
     t.to_dtype(DType::F64)?.to_scalar::<f64>()
 }
 
+/// nnU-Net's deep-supervision weights for `n` outputs: `2^-i`, normalised to sum to 1.
+pub fn deep_supervision_weights(n: usize) -> Vec<f64> {
+    let raw: Vec<f64> = (0..n).map(|i| 0.5f64.powi(i as i32)).collect();
+    let sum: f64 = raw.iter().sum();
+    raw.into_iter().map(|w| w / sum).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +165,39 @@ mod tests {
 
     fn t(v: &[f64], shape: (usize, usize, usize, usize)) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn deep_supervision_weights_and_pooled_targets() -> Result<()> {
+        assert_eq!(deep_supervision_weights(1), vec![1.0]);
+        let w = deep_supervision_weights(3);
+        assert!((w[0] - 4.0 / 7.0).abs() < 1e-12 && (w[2] - 1.0 / 7.0).abs() < 1e-12);
+        let loss = SegLoss {
+            terms: vec![LossTerm::Bce],
+        };
+        // 4x4 target whose top-left 2x2 block is 3/4 foreground, the rest 1/4 or 0.
+        let target = t(
+            &[
+                1., 1., 0., 0., 1., 0., 1., 0., 0., 0., 0., 0., 0., 0., 0., 0.,
+            ],
+            (1, 1, 4, 4),
+        );
+        let full = t(&[0.3; 16], (1, 1, 4, 4));
+        let coarse = t(&[2.0, -1.0, 0.5, 0.0], (1, 1, 2, 2));
+        let one = loss.forward_deep(std::slice::from_ref(&full), &target)?;
+        assert_eq!(
+            one.to_scalar::<f64>()?,
+            loss.forward(&full, &target)?.to_scalar::<f64>()?
+        );
+        // Pooled targets: [0.75, 0.25, 0, 0] -> [1, 0, 0, 0].
+        let pooled = t(&[1., 0., 0., 0.], (1, 1, 2, 2));
+        let want = 2.0 / 3.0 * loss.forward(&full, &target)?.to_scalar::<f64>()?
+            + 1.0 / 3.0 * loss.forward(&coarse, &pooled)?.to_scalar::<f64>()?;
+        let got = loss
+            .forward_deep(&[full, coarse], &target)?
+            .to_scalar::<f64>()?;
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        Ok(())
     }
 
     #[test]

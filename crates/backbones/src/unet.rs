@@ -8,6 +8,12 @@
 //! with `align_corners = true`), zero padding to the skip's size, concat
 //! `[skip, up]`, `DoubleConv`. A final 1x1 conv gives the logits.
 //! `DoubleConv = (Conv 3x3 p1 no-bias -> BatchNorm -> ReLU) x 2`.
+//!
+//! nnU-Net's choices are options: `norm = "instance"` (affine InstanceNorm, the same
+//! function in training and evaluation), `activation = "leaky_relu"` (slope 0.01), and
+//! `deep_supervision`, which adds a 1x1 logit head to every decoder level but the
+//! deepest; [`SegModel::forward_deep_t`] then returns the full-resolution logits followed
+//! by the coarser ones (see [`crate::loss::SegLoss::forward_deep`]).
 //! At base width 64, depth 4, 3 input channels, 1 output: 31,037,633
 //! parameters, like the reference. [`UNetConfig::conv_macs`] counts the
 //! forward's convolution work from the same widths the constructor uses.
@@ -17,7 +23,7 @@ use candle_nn::{Conv2dConfig, ConvTranspose2dConfig, VarBuilder};
 use genseg_nn::batch_norm::{BatchNorm2d, BatchNormConfig};
 use genseg_nn::conv::{Conv2d, ConvTranspose2d};
 use genseg_nn::init::{InitScheme, conv_transpose2d, conv2d};
-use genseg_nn::ops::{max_pool2d, resize_bilinear};
+use genseg_nn::ops::{InstanceNorm2d, leaky_relu, max_pool2d, resize_bilinear};
 use serde::{Deserialize, Serialize};
 
 use crate::SegModel;
@@ -33,6 +39,31 @@ pub enum Upsampling {
     /// bottleneck (`factor = 2`).
     Bilinear,
 }
+
+/// The normalisation after each 3x3 convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    /// BatchNorm with running statistics (the reference).
+    #[default]
+    Batch,
+    /// Affine InstanceNorm, eps 1e-5 (nnU-Net).
+    Instance,
+}
+
+/// The non-linearity after each normalisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// ReLU (the reference).
+    #[default]
+    Relu,
+    /// LeakyReLU with slope 0.01 (nnU-Net).
+    LeakyRelu,
+}
+
+/// LeakyReLU slope of nnU-Net's networks (`negative_slope = 1e-2`).
+const LEAKY_SLOPE: f64 = 0.01;
 
 /// Every hyperparameter of a [`UNet`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,6 +81,12 @@ pub struct UNetConfig {
     pub upsampling: Upsampling,
     /// Weight initialisation (PyTorch defaults in the reference).
     pub init: InitScheme,
+    /// Normalisation layers.
+    pub norm: Norm,
+    /// Non-linearity.
+    pub activation: Activation,
+    /// Extra logit heads on the coarser decoder levels, for a deeply supervised loss.
+    pub deep_supervision: bool,
 }
 
 impl Default for UNetConfig {
@@ -61,6 +98,9 @@ impl Default for UNetConfig {
             depth: 4,
             upsampling: Upsampling::TransposedConv,
             init: InitScheme::TorchDefault,
+            norm: Norm::Batch,
+            activation: Activation::Relu,
+            deep_supervision: false,
         }
     }
 }
@@ -182,36 +222,97 @@ impl DoubleConvWidths {
     }
 }
 
-/// `(Conv 3x3 -> BN -> ReLU) x 2`.
+/// A normalisation followed by the non-linearity.
+#[derive(Debug)]
+enum NormAct {
+    /// BatchNorm + ReLU run as one fused kernel on the CPU.
+    BatchRelu(BatchNorm2d),
+    Other {
+        norm: NormLayer,
+        activation: Activation,
+    },
+}
+
+#[derive(Debug)]
+enum NormLayer {
+    Batch(BatchNorm2d),
+    Instance(InstanceNorm2d),
+}
+
+impl NormAct {
+    fn new(
+        channels: usize,
+        cfg: (Norm, Activation),
+        init: InitScheme,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let norm = match cfg.0 {
+            Norm::Batch => {
+                let bn = BatchNorm2d::new(channels, BatchNormConfig::default(), init, vb)?;
+                if cfg.1 == Activation::Relu {
+                    return Ok(Self::BatchRelu(bn));
+                }
+                NormLayer::Batch(bn)
+            }
+            Norm::Instance => NormLayer::Instance(InstanceNorm2d::new(channels, 1e-5, vb)?),
+        };
+        Ok(Self::Other {
+            norm,
+            activation: cfg.1,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::BatchRelu(bn) => bn.forward_relu_t(x, train),
+            Self::Other { norm, activation } => {
+                let x = match norm {
+                    NormLayer::Batch(bn) => bn.forward_t(x, train)?,
+                    NormLayer::Instance(n) => n.forward(x)?,
+                };
+                match activation {
+                    Activation::Relu => x.relu(),
+                    Activation::LeakyRelu => leaky_relu(&x, LEAKY_SLOPE),
+                }
+            }
+        }
+    }
+}
+
+/// `(Conv 3x3 -> norm -> activation) x 2`.
 #[derive(Debug)]
 struct DoubleConv {
     conv1: Conv2d,
-    bn1: BatchNorm2d,
+    norm1: NormAct,
     conv2: Conv2d,
-    bn2: BatchNorm2d,
+    norm2: NormAct,
 }
 
 impl DoubleConv {
-    fn new(widths: DoubleConvWidths, init: InitScheme, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        widths: DoubleConvWidths,
+        layers: (Norm, Activation),
+        init: InitScheme,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let DoubleConvWidths { c_in, c_mid, c_out } = widths;
         let cfg = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
-        let bn = BatchNormConfig::default();
         // Parameter paths follow the reference's nn.Sequential indices.
         let vb = vb.pp("double_conv");
         Ok(Self {
             conv1: conv2d(c_in, c_mid, 3, cfg, false, init, vb.pp("0"))?,
-            bn1: BatchNorm2d::new(c_mid, bn, init, vb.pp("1"))?,
+            norm1: NormAct::new(c_mid, layers, init, vb.pp("1"))?,
             conv2: conv2d(c_mid, c_out, 3, cfg, false, init, vb.pp("3"))?,
-            bn2: BatchNorm2d::new(c_out, bn, init, vb.pp("4"))?,
+            norm2: NormAct::new(c_out, layers, init, vb.pp("4"))?,
         })
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
-        self.bn2.forward_relu_t(&self.conv2.forward(&x)?, train)
+        let x = self.norm1.forward_t(&self.conv1.forward(x)?, train)?;
+        self.norm2.forward_t(&self.conv2.forward(&x)?, train)
     }
 }
 
@@ -224,9 +325,9 @@ struct Up {
 
 impl Up {
     fn new(
-        c_in: usize,
-        c_out: usize,
+        (c_in, c_out): (usize, usize),
         up: Upsampling,
+        layers: (Norm, Activation),
         init: InitScheme,
         vb: VarBuilder,
     ) -> Result<Self> {
@@ -251,7 +352,7 @@ impl Up {
         let widths = Self::double_conv_widths(c_in, c_out, up);
         Ok(Self {
             transposed,
-            conv: DoubleConv::new(widths, init, vb.pp("conv"))?,
+            conv: DoubleConv::new(widths, layers, init, vb.pp("conv"))?,
         })
     }
 
@@ -302,6 +403,9 @@ pub struct UNet {
     downs: Vec<DoubleConv>,
     ups: Vec<Up>,
     outc: Conv2d,
+    /// Deep-supervision heads, finest first: the one of decoder level `l` (1..depth-1)
+    /// reads the output of the `Up` writing that level.
+    heads: Vec<Conv2d>,
 }
 
 impl crate::BackboneConfig for UNetConfig {
@@ -334,40 +438,50 @@ impl UNet {
     pub fn new(cfg: &UNetConfig, vb: VarBuilder) -> anyhow::Result<Self> {
         cfg.validate()?;
         let init = cfg.init;
+        let layers = (cfg.norm, cfg.activation);
         let mut encoder = cfg.encoder_widths().into_iter();
         let inc_widths = encoder.next().expect("the encoder starts with inc");
-        let inc = DoubleConv::new(inc_widths, init, vb.pp("inc"))?;
+        let inc = DoubleConv::new(inc_widths, layers, init, vb.pp("inc"))?;
         let downs = encoder
             .enumerate()
             .map(|(i, widths)| {
                 let vb_down = vb.pp(format!("down{}", i + 1)).pp("maxpool_conv").pp("1");
-                DoubleConv::new(widths, init, vb_down)
+                DoubleConv::new(widths, layers, init, vb_down)
             })
             .collect::<Result<Vec<_>>>()?;
-        let ups = cfg
-            .decoder_widths()
-            .into_iter()
+        let decoder = cfg.decoder_widths();
+        let ups = decoder
+            .iter()
             .enumerate()
-            .map(|(i, (c_in, c_out))| {
-                Up::new(
-                    c_in,
-                    c_out,
-                    cfg.upsampling,
-                    init,
-                    vb.pp(format!("up{}", i + 1)),
-                )
+            .map(|(i, &widths)| {
+                let vb_up = vb.pp(format!("up{}", i + 1));
+                Up::new(widths, cfg.upsampling, layers, init, vb_up)
             })
             .collect::<Result<Vec<_>>>()?;
-        let outc_cfg = Conv2dConfig::default();
-        let outc = conv2d(
-            cfg.level_width(0),
-            cfg.out_channels,
-            1,
-            outc_cfg,
-            true,
-            init,
-            vb.pp("outc").pp("conv"),
-        )?;
+        let head = |c_in: usize, vb: VarBuilder| {
+            conv2d(
+                c_in,
+                cfg.out_channels,
+                1,
+                Conv2dConfig::default(),
+                true,
+                init,
+                vb,
+            )
+        };
+        let outc = head(cfg.level_width(0), vb.pp("outc").pp("conv"))?;
+        // decoder[i] writes level depth-1-i; heads on levels 1..depth-1, finest first.
+        let heads = match cfg.deep_supervision {
+            true => (1..cfg.depth)
+                .map(|level| {
+                    head(
+                        decoder[cfg.depth - 1 - level].1,
+                        vb.pp(format!("ds{level}")),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?,
+            false => Vec::new(),
+        };
         Ok(Self {
             cfg: cfg.clone(),
             prefix: vb.prefix(),
@@ -375,6 +489,7 @@ impl UNet {
             downs,
             ups,
             outc,
+            heads,
         })
     }
 
@@ -384,8 +499,9 @@ impl UNet {
     }
 }
 
-impl SegModel for UNet {
-    fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+impl UNet {
+    /// The decoder's outputs from level `depth - 1` down to level 0 (full resolution).
+    fn decoder_levels(&self, images: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let (_, c, h, w) = images.dims4()?;
         if c != self.cfg.in_channels {
             candle_core::bail!(
@@ -406,10 +522,30 @@ impl SegModel for UNet {
             skips.push(x.clone());
             x = down.forward_t(&max_pool2d(&x, 2, 2, 0)?, train)?;
         }
+        let mut levels = Vec::with_capacity(self.ups.len());
         for (up, skip) in self.ups.iter().zip(skips.iter().rev()) {
             x = up.forward_t(&x, skip, train)?;
+            levels.push(x.clone());
         }
-        self.outc.forward(&x)
+        Ok(levels)
+    }
+}
+
+impl SegModel for UNet {
+    fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        let levels = self.decoder_levels(images, train)?;
+        self.outc.forward(levels.last().expect("depth >= 1"))
+    }
+
+    fn forward_deep_t(&self, images: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let levels = self.decoder_levels(images, train)?;
+        let depth = self.cfg.depth;
+        let mut out = vec![self.outc.forward(&levels[depth - 1])?];
+        for (i, head) in self.heads.iter().enumerate() {
+            // Head i reads level i + 1, written by decoder step depth - 2 - i.
+            out.push(head.forward(&levels[depth - 2 - i])?);
+        }
+        Ok(out)
     }
 
     fn param_groups(&self) -> Vec<(&'static str, String)> {
