@@ -407,14 +407,17 @@ impl Dataset {
         indices: &[usize],
         device: &Device,
     ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (images, masks) = self.batch_values(indices)?;
+        self.batch_tensors(images, masks, device)
+    }
+
+    /// The values of [`Dataset::batch`] before they become tensors (for CPU-side
+    /// augmentation): images `[B, C, H, W]` in [0, 1], masks `[B, H, W]` in {0, 1}.
+    pub fn batch_values(&self, indices: &[usize]) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         if indices.is_empty() {
             candle_core::bail!("batch: no sample indices given");
         }
-        let (c, h, w) = (
-            self.channels,
-            self.size.height as usize,
-            self.size.width as usize,
-        );
+        let (c, h, w) = self.chw();
         let mut images = Vec::with_capacity(indices.len() * c * h * w);
         let mut masks = Vec::with_capacity(indices.len() * h * w);
         for &i in indices {
@@ -427,11 +430,31 @@ impl Dataset {
             images.extend(s.image.iter().map(|&v| f32::from(v) / 255.0));
             masks.extend(s.mask.iter().map(|&v| f32::from(v)));
         }
-        let b = indices.len();
+        Ok((images, masks))
+    }
+
+    /// Batch values of this dataset's shape (from [`Dataset::batch_values`]) as tensors.
+    pub fn batch_tensors(
+        &self,
+        images: Vec<f32>,
+        masks: Vec<f32>,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (c, h, w) = self.chw();
+        let b = masks.len() / (h * w).max(1);
         Ok((
             Tensor::from_vec(images, (b, c, h, w), device)?,
             Tensor::from_vec(masks, (b, 1, h, w), device)?,
         ))
+    }
+
+    /// `(channels, height, width)` of every image.
+    pub fn chw(&self) -> (usize, usize, usize) {
+        (
+            self.channels,
+            self.size.height as usize,
+            self.size.width as usize,
+        )
     }
 }
 

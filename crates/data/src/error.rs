@@ -171,6 +171,9 @@ pub enum DataError {
     /// A configuration value is out of range.
     #[error("invalid data configuration: {0}")]
     Config(String),
+    /// The background batch preparation failed or was used out of order.
+    #[error("{0}")]
+    Prefetch(String),
 }
 
 /// Result alias of the crate.
@@ -205,7 +208,7 @@ impl DataError {
             DataError::UnmatchedMask { mask } | DataError::MaskSizeMismatch { mask, .. } => {
                 Some(mask)
             }
-            DataError::Split(_) | DataError::Config(_) => None,
+            DataError::Split(_) | DataError::Config(_) | DataError::Prefetch(_) => None,
         }
     }
 }

@@ -17,6 +17,9 @@
 //! * [`phantom`]: seeded synthetic lungs / skin phantoms (and a shifted domain), so nothing needs
 //!   downloaded data.
 //! * [`sampler`]: the seeded, resumable order of training batches.
+//! * [`intensity`]: per-image z-score normalisation ([`Normalisation`]).
+//! * [`transforms`]: nnU-Net's on-the-fly augmentation chain ([`TransformConfig`]), seeded,
+//!   parallel over a batch; [`prefetch`] makes batches on a background thread.
 //! * [`writer`]: PNG masks, overlays, image grids, masks to and from tensors.
 //!
 //! Errors are [`DataError`]s whose messages name the file and the problem. Nothing here prints.
@@ -42,18 +45,23 @@
 pub mod check;
 pub mod dataset;
 pub mod error;
+pub mod intensity;
 pub mod layout;
 pub mod phantom;
+pub mod prefetch;
 pub mod preprocess;
 pub mod sampler;
 pub mod split;
+pub mod transforms;
 pub mod writer;
 
 pub use check::{CheckOptions, CheckReport, check_dataset};
 pub use dataset::{DataConfig, Dataset, ImageSize, Sample};
 pub use error::{DataError, Result};
+pub use intensity::Normalisation;
 pub use layout::{Layout, LayoutChoice, SamplePair, detect_layout, discover};
 pub use phantom::{PhantomConfig, PhantomKind, phantom_dataset, phantoms, write_phantoms};
 pub use preprocess::{ChannelPolicy, ImageFilter, MaskRule};
 pub use split::{Split, read_split_file, select_fold, write_split_file};
+pub use transforms::TransformConfig;
 pub use writer::{OverlayStyle, image_grid, overlay, write_image, write_mask_png};
