@@ -197,16 +197,47 @@ fn baseline_beats_the_mean_mask_and_evaluate_predict_work() {
 
 #[test]
 fn resume_after_sigkill_is_bit_identical() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("lungs");
-    phantoms(&data, "lungs", 20, &[]);
-    let total = 120;
-    let every = ["--set", "train.checkpoint_every=10", "--method", "flip"];
+    assert_resume_after_sigkill_is_bit_identical(120, &["--method", "flip"]);
+}
 
-    let straight = tmp.path().join("straight");
+/// The strong recipe's batches come from a prefetch thread and its learning rate from a
+/// schedule: a killed and resumed run must still match an uninterrupted one bit for bit.
+#[test]
+fn strong_recipe_resume_after_sigkill_is_bit_identical() {
+    let (_tmp, run) = assert_resume_after_sigkill_is_bit_identical(60, &["--recipe", "strong"]);
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    for key in [
+        "normalisation = \"z_score\"",
+        "norm = \"instance\"",
+        "deep_supervision = true",
+        "schedule = \"poly\"",
+        "transforms = true",
+        "mirror_tta = true",
+    ] {
+        assert!(config.contains(key), "{key} missing from config.toml");
+    }
+    let s = summary(&run.join("eval-test/summary.json"));
+    let dice = s["dice"]["mean"].as_f64().unwrap();
+    assert!(dice.is_finite() && dice > 0.0, "test Dice {dice}");
+}
+
+/// Trains `total` iterations straight and again killed (SIGKILL) after its checkpoint at
+/// step 30 then resumed; asserts identical weights and logs; returns the resumed run.
+fn assert_resume_after_sigkill_is_bit_identical(
+    total: u64,
+    extra: &[&str],
+) -> (tempfile::TempDir, PathBuf) {
+    let tmp_dir = tempfile::tempdir().unwrap();
+    let tmp = tmp_dir.path();
+    let data = tmp.join("lungs");
+    phantoms(&data, "lungs", 20, &[]);
+    let mut every = vec!["--set", "train.checkpoint_every=10"];
+    every.extend(extra);
+
+    let straight = tmp.join("straight");
     run_train(&train(&data, &straight, total, &every));
 
-    let killed = tmp.path().join("killed");
+    let killed = tmp.join("killed");
     let args = train(&data, &killed, total, &every);
     let mut child = command()
         .args(&args)
@@ -256,6 +287,7 @@ fn resume_after_sigkill_is_bit_identical() {
         lines(&killed),
         "metrics.jsonl has one line per logged step after resume"
     );
+    (tmp_dir, killed)
 }
 
 #[test]
@@ -316,4 +348,53 @@ fn bad_inputs_are_named_errors() {
         err.contains('7') || err.contains("11"),
         "split larger than the pool: {err}"
     );
+}
+
+#[test]
+fn score_rates_external_masks_with_our_metrics_and_names_a_missing_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("lungs");
+    phantoms(&data, "lungs", 6, &[]);
+    let out = tmp.path().join("score");
+    let args = |pred: &Path| {
+        vec![
+            "score".to_string(),
+            "--predictions".into(),
+            s(pred),
+            "--data".into(),
+            s(&data),
+            "--size".into(),
+            "32".into(),
+            "--out".into(),
+            s(&out),
+        ]
+    };
+    // The truth itself, at another size than it is stored at: Dice 1 on every case.
+    run_train(&args(&data.join("masks")));
+    let truth = summary(&out.join("summary.json"));
+    assert_eq!(truth["n_cases"].as_u64(), Some(6));
+    assert_eq!(truth["dice"]["min"].as_f64(), Some(1.0));
+    // Empty predictions score 0.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for entry in std::fs::read_dir(data.join("masks")).unwrap() {
+        let name = entry.unwrap().file_name();
+        image::GrayImage::new(64, 64)
+            .save(empty.join(&name))
+            .unwrap();
+    }
+    run_train(&args(&empty));
+    assert_eq!(
+        summary(&out.join("summary.json"))["dice"]["max"].as_f64(),
+        Some(0.0)
+    );
+    let first = std::fs::read_dir(&empty)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::remove_file(&first).unwrap();
+    let err = fails(&args(&empty));
+    assert!(err.contains(&s(&first)) && err.contains("missing"), "{err}");
 }

@@ -20,6 +20,8 @@ pub mod names {
     ];
     /// `--profile` ([`genseg_pipelines::config::Profile`]).
     pub const PROFILE: &[&str] = &["paper", "cpu"];
+    /// `--recipe` ([`genseg_pipelines::config::Recipe`]).
+    pub const RECIPE: &[&str] = &["plain", "strong"];
     /// `--checkpoint` ([`genseg_pipelines::run_dir::Which`]).
     pub const CHECKPOINT: &[&str] = &["best", "last"];
     /// `--split` of evaluate ([`genseg_pipelines::evaluate::SplitChoice`]).
@@ -69,6 +71,7 @@ mod tests {
             "all but pix2pix"
         );
         all::<config::Profile>(names::PROFILE);
+        all::<config::Recipe>(names::RECIPE);
         all::<run_dir::Which>(names::CHECKPOINT);
         all::<evaluate::SplitChoice>(names::SPLIT);
         all::<generate::OutputLayout>(names::LAYOUT);

@@ -61,6 +61,8 @@ enum Commands {
     Evaluate(commands::evaluate::EvaluateArgs),
     /// Segment new images with a trained run.
     Predict(commands::predict::PredictArgs),
+    /// Score another tool's predicted masks (e.g. nnU-Net's) with genseg's metrics.
+    Score(commands::score::ScoreArgs),
     /// Time training steps of the UNet or the generator on random data (one JSON line).
     BenchStep(commands::bench_step::BenchStepArgs),
 }
@@ -115,6 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Generate(args) => commands::generate::run(args, &device),
         Commands::Evaluate(args) => commands::evaluate::run(args, &device),
         Commands::Predict(args) => commands::predict::run(args, &device),
+        Commands::Score(args) => commands::score::run(args),
         Commands::BenchStep(args) => commands::bench_step::run(args, &device),
     }
 }

@@ -14,10 +14,12 @@ use genseg_backbones::BackboneConfig;
 use genseg_backbones::SegModel;
 use genseg_backbones::loss::SegLoss;
 use genseg_backbones::metrics::MetricOptions;
-use genseg_backbones::unet::UNetConfig;
+use genseg_backbones::unet::{Activation, Norm, UNetConfig};
 use genseg_data::dataset::{DataConfig, ImageSize};
+use genseg_data::intensity::Normalisation;
 use genseg_data::layout::LayoutChoice;
 use genseg_data::preprocess::{ChannelPolicy, ImageFilter, MaskRule};
+use genseg_data::transforms::TransformConfig;
 use genseg_generator::discriminator::DiscriminatorConfig;
 use genseg_generator::generator::GeneratorConfig;
 use genseg_generator::loss::LossConfig;
@@ -26,6 +28,20 @@ use genseg_nn::optim::{Adam, AdamConfig, Optimizer, RmsProp, RmsPropConfig, Sgd,
 use serde::{Deserialize, Serialize};
 
 use crate::run_dir::Which;
+
+/// The training recipe layered on a profile (before a config file and `--set`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Recipe {
+    /// The profile as it is (the reference's training).
+    #[default]
+    Plain,
+    /// nnU-Net's recipe (see [`RunConfig::strong`]).
+    Strong,
+}
+
+/// The shortest run of the strong recipe.
+const STRONG_MIN_ITERATIONS: u64 = 4000;
 
 /// The largest image side a run accepts (`data.size`).
 pub const MAX_SIZE: u32 = 4096;
@@ -144,6 +160,10 @@ pub struct DataSection {
     pub split_file: PathBuf,
     /// Which split of `split_file` to use.
     pub fold: usize,
+    /// Per-image intensity normalisation in front of the segmenter (`none` or `z_score`,
+    /// nnU-Net's); applied to every image the segmenter sees, real or synthetic.
+    #[serde(default)]
+    pub normalisation: Normalisation,
 }
 
 impl DataSection {
@@ -285,6 +305,9 @@ pub struct ModelSection {
     /// `[model.registered]` (absent from configs written before it existed: defaults).
     #[serde(default)]
     pub registered: RegisteredBackbone,
+    /// Mirroring test-time augmentation in validation, evaluation and prediction.
+    #[serde(default)]
+    pub mirror_tta: bool,
 }
 
 impl ModelSection {
@@ -339,6 +362,30 @@ pub enum OptimizerKind {
     Sgd,
 }
 
+/// How the learning rate changes over a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// `train.lr` throughout.
+    #[default]
+    Constant,
+    /// nnU-Net's polynomial decay: `lr · (1 - t / iterations)^0.9` at iteration `t`.
+    Poly,
+}
+
+impl Schedule {
+    /// The learning rate of iteration `t` (0-based) of `iterations`.
+    pub fn lr(self, base: f64, t: u64, iterations: u64) -> f64 {
+        match self {
+            Schedule::Constant => base,
+            Schedule::Poly => {
+                let done = (t as f64 / iterations.max(1) as f64).min(1.0);
+                base * (1.0 - done).powf(0.9)
+            }
+        }
+    }
+}
+
 /// `[train]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -371,6 +418,16 @@ pub struct TrainSection {
     pub log_every: u64,
     /// Refresh the `last/` checkpoint every this many iterations.
     pub checkpoint_every: u64,
+    /// Nesterov momentum (SGD).
+    #[serde(default)]
+    pub nesterov: bool,
+    /// The learning-rate schedule.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Augment the real training pairs on the fly with the `[transforms]` chain (prepared
+    /// on a background thread while the previous step runs).
+    #[serde(default)]
+    pub transforms: bool,
 }
 
 impl TrainSection {
@@ -403,6 +460,7 @@ impl TrainSection {
                     lr: self.lr,
                     momentum: self.momentum,
                     weight_decay: self.weight_decay,
+                    nesterov: self.nesterov,
                     ..Default::default()
                 },
             )?),
@@ -602,6 +660,10 @@ pub struct RunConfig {
     pub gan: LossConfig,
     /// `[eval]`: metric options for validation and evaluation.
     pub eval: MetricOptions,
+    /// `[transforms]`: the on-the-fly augmentation chain used when `train.transforms` is
+    /// on (nnU-Net's by default).
+    #[serde(default)]
+    pub transforms: TransformConfig,
 }
 
 impl RunConfig {
@@ -622,11 +684,13 @@ impl RunConfig {
                 n_val: 2,
                 split_file: PathBuf::new(),
                 fold: 0,
+                normalisation: Normalisation::None,
             },
             model: ModelSection {
                 kind: ModelKind::Unet,
                 unet: UNetConfig::default(),
                 registered: RegisteredBackbone::default(),
+                mirror_tta: false,
             },
             train: TrainSection {
                 iterations: 5000,
@@ -642,6 +706,9 @@ impl RunConfig {
                 val_every: 10,
                 log_every: 10,
                 checkpoint_every: 100,
+                nesterov: false,
+                schedule: Schedule::Constant,
+                transforms: false,
             },
             augment: AugmentSection {
                 rotate_degrees: 8.0,
@@ -658,6 +725,7 @@ impl RunConfig {
             discriminator: DiscriminatorConfig::default(),
             gan: LossConfig::default(),
             eval: MetricOptions::default(),
+            transforms: TransformConfig::default(),
         };
         match profile {
             Profile::Paper => paper,
@@ -680,6 +748,40 @@ impl RunConfig {
                 cpu
             }
         }
+    }
+
+    /// This configuration with `recipe` applied.
+    pub fn with_recipe(mut self, recipe: Recipe) -> Self {
+        if recipe == Recipe::Strong {
+            self.strong();
+        }
+        self
+    }
+
+    /// nnU-Net's training recipe (v2, 2D), read from its source: per-image z-score
+    /// normalisation; the on-the-fly augmentation chain of [`TransformConfig`]; an
+    /// InstanceNorm + LeakyReLU U-Net of base width 32 with deep supervision; SGD with
+    /// Nesterov momentum 0.99, lr 0.01, weight decay 3e-5 and polynomial decay; BCE + batch
+    /// Dice (nnU-Net's CE + Dice for one foreground class); mirroring TTA. The network
+    /// keeps the profile's width (nnU-Net's planner picks 32; the `cpu` profile's 16 runs a
+    /// step in 0.14 s instead of 0.37 s at 64 px on 2 cores). At least 4000 iterations
+    /// (nnU-Net's 50-epoch run is 12,500), validated every 200.
+    pub fn strong(&mut self) {
+        self.data.normalisation = Normalisation::ZScore;
+        self.model.mirror_tta = true;
+        let unet = &mut self.model.unet;
+        unet.norm = Norm::Instance;
+        unet.activation = Activation::LeakyRelu;
+        unet.deep_supervision = true;
+        let t = &mut self.train;
+        t.optimizer = OptimizerKind::Sgd;
+        (t.lr, t.momentum, t.weight_decay, t.nesterov) = (1e-2, 0.99, 3e-5, true);
+        t.schedule = Schedule::Poly;
+        t.loss = SegLoss::lungs();
+        t.transforms = true;
+        self.transforms = TransformConfig::default();
+        t.iterations = t.iterations.max(STRONG_MIN_ITERATIONS);
+        (t.val_every, t.checkpoint_every) = (200, 500);
     }
 
     /// The defaults of a generator pre-training run (`method = "pix2pix"`): the profile's
@@ -750,6 +852,12 @@ impl RunConfig {
             "train.val_every, log_every and checkpoint_every must be > 0"
         );
         anyhow::ensure!(self.data.n_train > 0, "data.n_train must be > 0");
+        anyhow::ensure!(
+            !t.nesterov || t.optimizer == OptimizerKind::Sgd,
+            "train.nesterov is an SGD option (train.optimizer is {:?})",
+            t.optimizer
+        );
+        self.transforms.validate()?;
         self.data.data_config()?;
         if self.method == Method::Pix2pix {
             return self.validate_generator();

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use genseg_backbones::SegModel;
 use genseg_backbones::report::Summary;
 use genseg_data::preprocess::ChannelPolicy;
 use genseg_data::split::{read_split_file, select_fold};
@@ -17,7 +16,7 @@ use genseg_nn::checkpoint::Checkpoint;
 
 use crate::config::RunConfig;
 use crate::run_dir::{RunDir, Which};
-use crate::segmenter::{build_model, evaluate_model, segmenter_weights};
+use crate::segmenter::{Segmenter, build_model, evaluate_model, segmenter_weights};
 
 /// Which cases of the dataset to score.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -36,7 +35,7 @@ pub struct LoadedRun {
     /// The run's configuration.
     pub cfg: RunConfig,
     /// The model with the checkpoint's weights.
-    pub model: Box<dyn SegModel>,
+    pub model: Segmenter,
     /// The checkpoint folder it came from.
     pub checkpoint: PathBuf,
 }
@@ -62,6 +61,70 @@ pub fn load_run(run_dir: &Path, which: Which, device: &Device) -> Result<LoadedR
         model,
         checkpoint: dir,
     })
+}
+
+/// `genseg score`: scores predicted masks from another tool (a PNG per case named by its
+/// id, any non-zero value foreground) against the truth of `data_dir` at `size` px, with
+/// the metrics `genseg evaluate` uses; `ids` restricts the cases (e.g. a split's test
+/// list). A missing prediction is an error naming the file.
+pub fn score_predictions(
+    pred_dir: &Path,
+    data_dir: &Path,
+    size: u32,
+    ids: Option<&[String]>,
+    out: &Path,
+) -> Result<Summary> {
+    use genseg_backbones::metrics::{BinaryMask, MetricOptions, case_metrics};
+    use genseg_backbones::report::{CaseResult, write_reports};
+    use genseg_data::preprocess::{MaskRule, MaskValues, resize_mask};
+    let config = genseg_data::DataConfig {
+        size: Some(genseg_data::ImageSize::square(size)),
+        ..Default::default()
+    };
+    let mut data = genseg_data::Dataset::load(data_dir, &config)
+        .with_context(|| format!("loading dataset {}", data_dir.display()))?;
+    if let Some(ids) = ids {
+        data = data.subset(&data.indices_of(ids)?)?;
+    }
+    let side = size as usize;
+    let opts = MetricOptions::default();
+    let mut cases = Vec::with_capacity(data.len());
+    for sample in data.samples() {
+        let path = pred_dir.join(format!("{}.png", sample.id));
+        anyhow::ensure!(
+            path.is_file(),
+            "no prediction for case {}: {} is missing",
+            sample.id,
+            path.display()
+        );
+        let values = MaskValues::read(&path)?;
+        let binary = values.binarise(MaskRule::NonZero, &path)?;
+        let mask = image::GrayImage::from_raw(values.width, values.height, binary)
+            .with_context(|| format!("{}: mask buffer does not match its size", path.display()))?;
+        let mask = resize_mask(&mask, size, size);
+        let pred = BinaryMask {
+            height: side,
+            width: side,
+            pixels: mask.pixels().map(|p| p.0[0] > 0).collect(),
+        };
+        let truth = BinaryMask {
+            height: side,
+            width: side,
+            pixels: sample.mask.iter().map(|&v| v > 0).collect(),
+        };
+        cases.push(CaseResult {
+            id: sample.id.clone(),
+            metrics: case_metrics(&pred, &truth, &opts)
+                .with_context(|| format!("scoring {}", path.display()))?,
+        });
+    }
+    write_reports(
+        out,
+        &cases,
+        &opts,
+        &data_dir.display().to_string(),
+        &pred_dir.display().to_string(),
+    )
 }
 
 /// `genseg evaluate`: returns the summary written to `out`.
@@ -109,7 +172,7 @@ pub fn evaluate_run(
         }
     };
     let summary = evaluate_model(
-        loaded.model.as_ref(),
+        &loaded.model,
         &data,
         &cfg,
         device,

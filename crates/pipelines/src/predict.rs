@@ -90,7 +90,7 @@ pub fn predict(
     let names = output_names(&files);
     for (file, name) in files.iter().zip(&names) {
         let image = decode(file)?;
-        let mask = segment(loaded.model.as_ref(), &image, &data_cfg, channels, device)
+        let mask = segment(&loaded.model, &image, &data_cfg, channels, device)
             .with_context(|| format!("segmenting {}", file.display()))?;
         write_mask_png(&out.join("masks").join(format!("{name}.png")), &mask)?;
         let drawn = overlay(&image.to_rgb8(), &mask, OverlayStyle::default())?;

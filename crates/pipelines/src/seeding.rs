@@ -33,6 +33,9 @@ pub enum Purpose {
     SynthesisDropout = 10,
     /// The order of validation images in the architecture level's batches, per epoch.
     ValidationBatchOrder = 11,
+    /// The on-the-fly transforms of the real training pairs (`train.transforms`), one
+    /// stream per image of each iteration.
+    Transforms = 12,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.

@@ -9,7 +9,9 @@ use candle_core::{Device, Tensor};
 use genseg_backbones::SegModel;
 use genseg_backbones::evaluate::{mean_dice, score_cases};
 use genseg_backbones::report::{Summary, write_reports};
+use genseg_backbones::tta::MirrorTta;
 use genseg_data::dataset::Dataset;
+use genseg_data::intensity::Normalisation;
 use genseg_generator::pix2pix::{DISCRIMINATOR_PREFIX, GENERATOR_PREFIX};
 use genseg_nn::checkpoint::{Checkpoint, without_prefixes};
 use genseg_nn::params::ParamStore;
@@ -39,15 +41,63 @@ pub struct TrainOutcome {
     pub seconds: f64,
 }
 
-/// Builds the configured segmentation model in a fresh store seeded from the run's seed.
-pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(ParamStore, Box<dyn SegModel>)> {
+/// The configured backbone behind the run's input normalisation and, when configured,
+/// mirroring TTA in eval mode: what every pipeline, `evaluate` and `predict` run, so that
+/// they all see the same function of the image.
+pub struct Segmenter {
+    model: Box<dyn SegModel>,
+    normalisation: Normalisation,
+}
+
+impl Segmenter {
+    /// Deep-supervision outputs (see [`SegModel::forward_deep_t`]) of images that are
+    /// already normalised (the training pipeline normalises before augmenting, as nnU-Net).
+    pub fn forward_deep_normalised(
+        &self,
+        images: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<Vec<Tensor>> {
+        self.model.forward_deep_t(images, train)
+    }
+
+    /// The normalisation in front of the backbone.
+    pub fn normalisation(&self) -> Normalisation {
+        self.normalisation
+    }
+}
+
+impl SegModel for Segmenter {
+    fn forward_t(&self, images: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.model
+            .forward_t(&self.normalisation.apply(images)?, train)
+    }
+
+    fn forward_deep_t(&self, images: &Tensor, train: bool) -> candle_core::Result<Vec<Tensor>> {
+        self.model
+            .forward_deep_t(&self.normalisation.apply(images)?, train)
+    }
+
+    fn param_groups(&self) -> Vec<(&'static str, String)> {
+        self.model.param_groups()
+    }
+}
+
+/// Builds the configured segmenter in a fresh store seeded from the run's seed.
+pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(ParamStore, Segmenter)> {
     let store = ParamStore::new(
         seed_for(cfg.seed, Purpose::Weights),
         candle_core::DType::F32,
         device,
     );
-    let model = cfg.model.build(store.var_builder())?;
-    Ok((store, model))
+    let mut model = cfg.model.build(store.var_builder())?;
+    if cfg.model.mirror_tta {
+        model = Box::new(MirrorTta(model));
+    }
+    let segmenter = Segmenter {
+        model,
+        normalisation: cfg.data.normalisation,
+    };
+    Ok((store, segmenter))
 }
 
 /// Mean per-case Dice of `model` on `data` (eval mode), as `genseg evaluate` scores it.

@@ -9,4 +9,5 @@ pub mod generate;
 pub mod predict;
 pub mod pretrain;
 pub mod run_flags;
+pub mod score;
 pub mod train;

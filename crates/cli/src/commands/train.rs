@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::Args;
 use genseg::progress::Terminal;
-use genseg_pipelines::config::{Method, Profile, RunConfig};
+use genseg_pipelines::config::{Method, Profile, Recipe, RunConfig};
 use genseg_pipelines::overrides::layered;
 
 use super::run_flags::RunFlags;
@@ -30,22 +30,27 @@ pub struct TrainArgs {
     /// Starting configuration.
     #[arg(long, value_parser = genseg::choice::<Profile>(genseg::names::PROFILE), default_value = "cpu")]
     profile: Profile,
-    /// A TOML file layered over the profile.
+    /// The training recipe layered on the profile: `strong` is nnU-Net's (z-score
+    /// normalisation, on-the-fly augmentation, InstanceNorm + LeakyReLU UNet with deep
+    /// supervision, SGD Nesterov with poly decay, mirroring TTA).
+    #[arg(long, value_parser = genseg::choice::<Recipe>(genseg::names::RECIPE), default_value = "plain")]
+    recipe: Recipe,
+    /// A TOML file layered over the profile and recipe.
     #[arg(long)]
     config: Option<PathBuf>,
     /// `dotted.key=value` overrides, e.g. `--set train.iterations=2`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// Continue the run in this folder from its last checkpoint.
-    #[arg(long, conflicts_with_all = ["method", "data", "n_train", "n_val", "seed", "generator", "out", "config", "sets"])]
+    #[arg(long, conflicts_with_all = ["method", "recipe", "data", "n_train", "n_val", "seed", "generator", "out", "config", "sets"])]
     resume: Option<PathBuf>,
 }
 
 impl TrainArgs {
-    /// Profile -> config file -> `--set` -> explicit flags.
+    /// Profile -> recipe -> config file -> `--set` -> explicit flags.
     fn resolve(&self) -> Result<RunConfig> {
         let mut cfg = layered(
-            &RunConfig::profile(self.profile),
+            &RunConfig::profile(self.profile).with_recipe(self.recipe),
             self.config.as_deref(),
             &self.sets,
         )?;

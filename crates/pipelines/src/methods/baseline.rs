@@ -2,8 +2,10 @@
 //! augmentation baselines ([`super::augment`]) and Separate ([`super::separate`]) extend
 //! with a second loss term.
 //!
-//! One iteration: a batch of real pairs (order from a per-epoch seeded shuffle), the
-//! configured loss, plus — when the method has one — the same loss on a batch derived from
+//! One iteration: a batch of real pairs (order from a per-epoch seeded shuffle) — with
+//! `train.transforms`, normalised and augmented on a background thread while the previous
+//! step runs ([`RealBatches`]) — the configured loss (deeply supervised when the backbone
+//! has deep-supervision heads), plus — when the method has one — the same loss on a batch derived from
 //! the real one (an augmented copy, or synthetic pairs painted by a frozen generator)
 //! weighted by λ; backward; optimizer step. Every random draw is a pure function of the
 //! seed and the iteration (see [`crate::seeding`]), so a resumed run is bit-exact.
@@ -14,6 +16,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use genseg_backbones::SegModel;
 use genseg_data::dataset::Dataset;
+use genseg_data::prefetch::Prefetcher;
 use genseg_nn::checkpoint::Checkpoint;
 use genseg_nn::optim::Optimizer;
 use genseg_nn::params::ParamStore;
@@ -21,8 +24,8 @@ use serde_json::{Map, Value, json};
 
 use crate::config::RunConfig;
 use crate::learner::{Color, Figure, Pipeline, State, Validation, curve, panel};
-use crate::seeding::batch_indices;
-use crate::segmenter::{SEGMENTER_OPTIMIZER, build_model, validation_dice};
+use crate::seeding::{Purpose, batch_indices, rng_for};
+use crate::segmenter::{SEGMENTER_OPTIMIZER, Segmenter, build_model, validation_dice};
 
 /// A second loss term on a batch derived from the real one.
 pub trait ExtraTerm {
@@ -34,14 +37,79 @@ pub trait ExtraTerm {
     fn batch(&self, images: &Tensor, masks: &Tensor, it: u64) -> Result<(Tensor, Tensor)>;
 }
 
+/// The real training batches of a run: the dataset's pairs, or, with `train.transforms`,
+/// pairs normalised and augmented by nnU-Net's chain on a prefetch thread. Either way the
+/// batch of iteration `t` is a pure function of the seed and `t` (resume is exact).
+pub struct RealBatches {
+    train_set: Dataset,
+    seed: u64,
+    batch_size: usize,
+    prefetch: Option<Prefetcher<(Vec<f32>, Vec<f32>)>>,
+}
+
+/// Batches the prefetch thread keeps ready.
+const PREFETCH_DEPTH: usize = 2;
+
+impl RealBatches {
+    /// The batches of `cfg` from iteration `start` on.
+    pub fn new(cfg: &RunConfig, train_set: Dataset, start: u64) -> Self {
+        let prefetch = cfg.train.transforms.then(|| {
+            let data = train_set.clone();
+            let (seed, batch) = (cfg.seed, cfg.train.batch_size);
+            let (normalisation, chain) = (cfg.data.normalisation, cfg.transforms.clone());
+            Prefetcher::new(start, PREFETCH_DEPTH, move |it| {
+                let idx = batch_indices(seed, data.len(), batch, it);
+                let (mut images, mut masks) = data.batch_values(&idx)?;
+                let chw = data.chw();
+                for image in images.chunks_exact_mut(chw.0 * chw.1 * chw.2) {
+                    normalisation.apply_slice(image, chw.0);
+                }
+                chain.apply_batch(&mut images, &mut masks, chw, |k| {
+                    rng_for(seed, Purpose::Transforms, it * batch as u64 + k as u64)
+                });
+                Ok::<_, candle_core::Error>((images, masks))
+            })
+        });
+        Self {
+            train_set,
+            seed: cfg.seed,
+            batch_size: cfg.train.batch_size,
+            prefetch,
+        }
+    }
+
+    /// The batch of iteration `it` (the next one): `(images, masks, prepared)`, where
+    /// `prepared` says the images are already normalised (and augmented).
+    pub fn next(&mut self, it: u64, device: &Device) -> Result<(Tensor, Tensor, bool)> {
+        match &mut self.prefetch {
+            Some(p) => {
+                let (images, masks) = p.take(it)?;
+                let (x, y) = self.train_set.batch_tensors(images, masks, device)?;
+                Ok((x, y, true))
+            }
+            None => {
+                let idx = batch_indices(self.seed, self.train_set.len(), self.batch_size, it);
+                let (x, y) = self.train_set.batch(&idx, device)?;
+                Ok((x, y, false))
+            }
+        }
+    }
+
+    /// The un-augmented real pairs of iteration `it` (what an [`ExtraTerm`] derives from).
+    pub fn plain(&self, it: u64, device: &Device) -> Result<(Tensor, Tensor)> {
+        let idx = batch_indices(self.seed, self.train_set.len(), self.batch_size, it);
+        Ok(self.train_set.batch(&idx, device)?)
+    }
+}
+
 /// The segmenter trained on real pairs, with an optional [`ExtraTerm`].
 pub struct Supervised {
     cfg: RunConfig,
     device: Device,
-    train_set: Dataset,
+    batches: RealBatches,
     val_set: Dataset,
     store: ParamStore,
-    model: Box<dyn SegModel>,
+    model: Segmenter,
     opt: Box<dyn Optimizer>,
     extra: Option<Box<dyn ExtraTerm>>,
     iteration: u64,
@@ -69,10 +137,11 @@ impl Supervised {
             }
             None => 0,
         };
+        let batches = RealBatches::new(&cfg, train_set, iteration);
         Ok(Self {
             cfg,
             device: device.clone(),
-            train_set,
+            batches,
             val_set,
             store,
             model,
@@ -84,28 +153,34 @@ impl Supervised {
 
     /// The parameter store and the model (for scoring `best/` after training).
     pub fn segmenter(&self) -> (&ParamStore, &dyn SegModel) {
-        (&self.store, self.model.as_ref())
+        (&self.store, &self.model)
     }
 
     fn train_step(&mut self) -> Result<(f64, Option<f64>)> {
-        let idx = batch_indices(
-            self.cfg.seed,
-            self.train_set.len(),
-            self.cfg.train.batch_size,
-            self.iteration,
-        );
-        let (x, y) = self.train_set.batch(&idx, &self.device)?;
+        let it = self.iteration;
+        let (x, y, prepared) = self.batches.next(it, &self.device)?;
         let loss_fn = &self.cfg.train.loss;
-        let real = loss_fn.forward(&self.model.forward_t(&x, true)?, &y)?;
+        let outputs = match prepared {
+            true => self.model.forward_deep_normalised(&x, true)?,
+            false => self.model.forward_deep_t(&x, true)?,
+        };
+        let real = loss_fn.forward_deep(&outputs, &y)?;
         let mut total = real.clone();
         let mut extra_value = None;
         if let Some(extra) = &self.extra {
-            let (xe, ye) = extra.batch(&x, &y, self.iteration)?;
+            let (x, y) = match prepared {
+                true => self.batches.plain(it, &self.device)?,
+                false => (x, y),
+            };
+            let (xe, ye) = extra.batch(&x, &y, it)?;
             let term = loss_fn.forward(&self.model.forward_t(&xe, true)?, &ye)?;
             extra_value = Some(term.to_scalar::<f32>()? as f64);
             total = (total + (term * self.cfg.train.lambda)?)?;
         }
         let grads = total.backward()?;
+        let t = &self.cfg.train;
+        self.opt
+            .set_learning_rate(t.schedule.lr(t.lr, it, t.iterations));
         self.opt.step(&grads)?;
         Ok((real.to_scalar::<f32>()? as f64, extra_value))
     }
@@ -133,7 +208,7 @@ impl Pipeline for Supervised {
     }
 
     fn validate(&mut self, _it: u64, record: &mut Value) -> Result<Validation> {
-        let dice = validation_dice(self.model.as_ref(), &self.val_set, &self.cfg, &self.device)?;
+        let dice = validation_dice(&self.model, &self.val_set, &self.cfg, &self.device)?;
         record["val_dice"] = json!(dice);
         Ok(Validation {
             score: dice,

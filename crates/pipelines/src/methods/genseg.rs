@@ -5,7 +5,10 @@
 //! 1. generator weights W_G on the pix2pix loss of a real batch (α fixed), with the
 //!    discriminator stepped just before, as in pix2pix;
 //! 2. segmenter weights W_S on `L(real) + λ·L(synthetic)`, the synthetic images painted by
-//!    the generator from freshly augmented masks of the batch, **not detached**;
+//!    the generator from freshly augmented masks of the batch, **not detached**; the real
+//!    term is the segmenter recipe's (with `train.transforms` the batch normalised and
+//!    augmented on a prefetch thread, deep supervision, the `train.schedule` learning rate:
+//!    the strong recipe), the same as the baseline's;
 //! 3. architecture weights α on the segmentation loss of a validation batch, along the
 //!    hypergradient chained through level 2 (→ W_G) and level 1 (→ α).
 //!
@@ -39,6 +42,7 @@ use genseg_nn::optim::{Adam, AdamConfig, Optimizer};
 use genseg_nn::params::ParamStore;
 use serde_json::json;
 
+use super::baseline::RealBatches;
 use super::pix2pix::build_pix2pix;
 use crate::config::RunConfig;
 use crate::learner::{
@@ -50,7 +54,7 @@ use crate::run_dir::RunDir;
 use crate::seeding::batch_indices;
 use crate::seeding::{Purpose, rng_for, seed_for};
 use crate::segmenter::{
-    SEGMENTER_OPTIMIZER, TrainOutcome, build_model, finish_training, segmenter_weights,
+    SEGMENTER_OPTIMIZER, Segmenter, TrainOutcome, build_model, finish_training, segmenter_weights,
     validation_dice,
 };
 
@@ -237,8 +241,14 @@ fn generator_config(path: &Path, cfg: &RunConfig, channels: usize) -> Result<Run
 /// What every loss reads: the inputs of the current iteration.
 struct Inputs {
     iteration: u64,
+    /// The raw real batch (what the generator level learns to paint).
     images: Tensor,
     masks: Tensor,
+    /// The real batch of the segmenter's level: the same pairs, or, with
+    /// `train.transforms`, normalised and augmented ones (`seg_prepared`).
+    seg_images: Tensor,
+    seg_masks: Tensor,
+    seg_prepared: bool,
     synth_masks: Tensor,
     val_images: Tensor,
     val_masks: Tensor,
@@ -249,7 +259,7 @@ struct Inputs {
 /// The networks, shared by the loss closures of the levels.
 #[derive(Clone)]
 struct Nets {
-    seg: Rc<dyn SegModel>,
+    seg: Rc<Segmenter>,
     pix2pix: Rc<RefCell<Pix2Pix>>,
     post: Rc<PostProcessor>,
 }
@@ -258,10 +268,10 @@ struct EndToEnd {
     cfg: RunConfig,
     root: PathBuf,
     device: Device,
-    train_set: Dataset,
+    batches: RealBatches,
     val_set: Dataset,
     seg_store: ParamStore,
-    seg: Rc<dyn SegModel>,
+    seg: Rc<Segmenter>,
     shared: Nets,
     engine: Engine,
     inputs: Rc<RefCell<Inputs>>,
@@ -313,7 +323,7 @@ impl EndToEnd {
         };
         let mut nets = build_pix2pix(&cfg, adam, device)?;
         let (seg_store, seg) = build_model(&cfg, device)?;
-        let seg: Rc<dyn SegModel> = Rc::from(seg);
+        let seg = Rc::new(seg);
         let g_vars = nets.generator_group("weights")?;
         let arch_vars = nets.generator_group("arch")?;
         let mut opt_g = nets.generator_optimizer()?;
@@ -381,6 +391,9 @@ impl EndToEnd {
             iteration,
             images: empty.clone(),
             masks: empty.clone(),
+            seg_images: empty.clone(),
+            seg_masks: empty.clone(),
+            seg_prepared: false,
             synth_masks: empty.clone(),
             val_images: empty.clone(),
             val_masks: empty,
@@ -422,11 +435,12 @@ impl EndToEnd {
                 precondition: g.precondition,
             },
         )?;
+        let batches = RealBatches::new(&cfg, train_set, iteration);
         Ok(Self {
             cfg,
             root: run.root().to_path_buf(),
             device: device.clone(),
-            train_set,
+            batches,
             val_set,
             seg_store,
             seg,
@@ -439,13 +453,16 @@ impl EndToEnd {
         })
     }
 
-    /// Draws the inputs of iteration `it`: the real batch, its masks augmented afresh and a
-    /// validation batch.
-    fn draw_inputs(&self, it: u64) -> Result<()> {
+    /// Draws the inputs of iteration `it`: the real batch (raw, and as the segmenter's
+    /// recipe prepares it), its masks augmented afresh and a validation batch.
+    fn draw_inputs(&mut self, it: u64) -> Result<()> {
         let seed = self.cfg.seed;
         let batch = self.cfg.train.batch_size;
-        let idx = batch_indices(seed, self.train_set.len(), batch, it);
-        let (images, masks) = self.train_set.batch(&idx, &self.device)?;
+        let (images, masks) = self.batches.plain(it, &self.device)?;
+        let (seg_images, seg_masks, seg_prepared) = match self.cfg.train.transforms {
+            true => self.batches.next(it, &self.device)?,
+            false => (images.clone(), masks.clone(), false),
+        };
         let mut rng = rng_for(seed, Purpose::MaskAugment, it);
         let augmented = self.augmenter.augment_batch(
             &genseg_data::writer::masks_from_tensor(&masks, 0.5)?,
@@ -459,6 +476,9 @@ impl EndToEnd {
             iteration: it,
             images,
             masks,
+            seg_images,
+            seg_masks,
+            seg_prepared,
             synth_masks,
             val_images,
             val_masks,
@@ -551,7 +571,11 @@ fn segmenter_loss_fn(
         if s.hop_mode {
             return syn * weight;
         }
-        let real = loss.forward(&nets.seg.forward_t(&s.images, true)?, &s.masks)?;
+        let outputs = match s.seg_prepared {
+            true => nets.seg.forward_deep_normalised(&s.seg_images, true)?,
+            false => nets.seg.forward_deep_t(&s.seg_images, true)?,
+        };
+        let real = loss.forward_deep(&outputs, &s.seg_masks)?;
         parts.set((scalar(&real)?, scalar(&syn)?));
         real + (syn * weight)?
     })
@@ -589,6 +613,13 @@ impl Pipeline for EndToEnd {
     fn step(&mut self) -> Result<serde_json::Map<String, serde_json::Value>> {
         let it = self.iteration;
         self.draw_inputs(it)?;
+        let t = &self.cfg.train;
+        let segmenter_lr = t
+            .schedule
+            .lr(self.cfg.genseg_rates().segmenter, it, t.iterations);
+        self.engine.levels_mut()[LEVEL_SEGMENTER]
+            .optimizer_mut()
+            .set_learning_rate(segmenter_lr);
         let loss_d = self.discriminator_step()?;
         let level_losses = self.engine.step_levels()?;
         let (real, syn) = self.seg_parts.get();
@@ -819,9 +850,38 @@ mod tests {
     fn genseg_pretrains_moves_alpha_and_resumes_bit_exactly() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let cfg = tiny(&dir.path().join("data"))?;
+        assert_pretrains_moves_alpha_and_resumes_bit_exactly(cfg, dir.path())
+    }
+
+    /// On the strong recipe the segmenter's real pairs come from the prefetch thread
+    /// (normalised, augmented), its loss is deeply supervised and its learning rate
+    /// decays: the run still tunes α and resumes bit-exactly.
+    #[test]
+    fn genseg_on_the_strong_recipe_moves_alpha_and_resumes_bit_exactly() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let plain = tiny(&dir.path().join("data"))?;
+        let mut cfg = plain.clone().with_recipe(crate::config::Recipe::Strong);
+        cfg.train.iterations = plain.train.iterations;
+        cfg.train.val_every = plain.train.val_every;
+        cfg.train.checkpoint_every = plain.train.checkpoint_every;
+        assert!(cfg.train.transforms && cfg.model.unet.deep_supervision);
+        assert_pretrains_moves_alpha_and_resumes_bit_exactly(cfg.clone(), dir.path())?;
+        let lr: Vec<f64> = read_lines(&dir.path().join("whole/metrics.jsonl"))?
+            .iter()
+            .filter_map(|l| l.get("lr")?.as_f64())
+            .collect();
+        assert_eq!(lr.len(), 3);
+        assert!(lr.windows(2).all(|w| w[1] < w[0]), "poly decay: {lr:?}");
+        Ok(())
+    }
+
+    fn assert_pretrains_moves_alpha_and_resumes_bit_exactly(
+        cfg: RunConfig,
+        dir: &Path,
+    ) -> Result<()> {
         let device = Device::Cpu;
 
-        let whole = dir.path().join("whole");
+        let whole = dir.join("whole");
         let outcome = super::super::train(
             cfg.clone(),
             &whole,
@@ -857,7 +917,7 @@ mod tests {
         );
 
         // Stopped after two iterations and resumed, the run ends where the whole one did.
-        let split = dir.path().join("split");
+        let split = dir.join("split");
         let stop = AtomicBool::new(false);
         let mut observer = StopAt {
             at: 2,
