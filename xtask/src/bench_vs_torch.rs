@@ -173,7 +173,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
         "--runs, --steps and --threads must be positive"
     );
     let configs = select(&plan.configs)?;
-    let python = ensure_venv(root)?;
+    let python = ensure_venv(root, "import torch, numpy", &["torch", "numpy"])?;
     let genseg = build_genseg(root)?;
     let script = root.join("xtask/bench/torch_step.py");
     let threads = plan.threads.to_string();
@@ -240,22 +240,27 @@ fn select(names: &[String]) -> Result<Vec<&'static BenchConfig>> {
         .collect())
 }
 
-/// `target/bench-venv`'s python, created and given torch and numpy from PyPI when missing.
-fn ensure_venv(root: &Path) -> Result<PathBuf> {
+/// `target/bench-venv`'s python, created and given `packages` from PyPI when the `check`
+/// import fails.
+pub(crate) fn ensure_venv(root: &Path, check: &str, packages: &[&str]) -> Result<PathBuf> {
     let venv = root.join("target/bench-venv");
     let python = venv.join("bin/python");
     if !python.exists() {
         eprintln!("creating {}", venv.display());
         check_status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
-    let has_torch = Command::new(&python)
-        .args(["-c", "import torch, numpy"])
+    let installed = Command::new(&python)
+        .args(["-c", check])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !has_torch {
-        eprintln!("installing torch and numpy into {}", venv.display());
-        check_status(Command::new(&python).args(["-m", "pip", "install", "torch", "numpy"]))?;
+    if !installed {
+        eprintln!("installing {} into {}", packages.join(" "), venv.display());
+        check_status(
+            Command::new(&python)
+                .args(["-m", "pip", "install"])
+                .args(packages),
+        )?;
     }
     Ok(python)
 }

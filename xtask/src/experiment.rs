@@ -39,24 +39,24 @@ fn uses_generator(method: &str) -> bool {
     method == "separate" || method == "genseg"
 }
 
-fn s(p: &Path) -> String {
+pub(crate) fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-fn mean_dice(summary: &Path) -> Result<f64> {
+pub(crate) fn mean_dice(summary: &Path) -> Result<f64> {
     read_json(summary)?["dice"]["mean"]
         .as_f64()
         .with_context(|| format!("{} has no dice.mean", summary.display()))
 }
 
 /// Seconds of the training loop: the `seconds` of the last metrics line.
-fn loop_seconds(run: &Path) -> Result<f64> {
+pub(crate) fn loop_seconds(run: &Path) -> Result<f64> {
     let path = run.join("metrics.jsonl");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -72,7 +72,7 @@ fn loop_seconds(run: &Path) -> Result<f64> {
 
 /// Starts `run` with `args`, or resumes it when it exists and `done` does not (resuming a
 /// finished run only rewrites its last/).
-fn train_or_resume(
+pub(crate) fn train_or_resume(
     bin: &Path,
     cmd: &str,
     run: &Path,
@@ -162,7 +162,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-fn mean_std(values: &[f64]) -> (f64, f64) {
+pub(crate) fn mean_std(values: &[f64]) -> (f64, f64) {
     let n = values.len() as f64;
     let mean = values.iter().sum::<f64>() / n;
     // Sample standard deviation over seeds (n − 1), 0 for a single seed.

@@ -9,6 +9,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench_vs_nnunet;
 mod bench_vs_torch;
 mod experiment;
 
@@ -96,6 +97,35 @@ enum Recipe {
         #[arg(long, default_value = "target/bench-vs-torch.md")]
         out: PathBuf,
     },
+    /// The strong recipe against nnU-Net v2 itself (installed from PyPI into
+    /// target/bench-venv; not for CI): per seed the same split and images, both trained on
+    /// the CPU, both scored by `genseg score`; writes results.md in `--out`.
+    BenchVsNnunet {
+        /// The labelled pool (images/ + masks/).
+        #[arg(long)]
+        data: PathBuf,
+        /// Training pairs per seed.
+        #[arg(long)]
+        n_train: usize,
+        /// Validation pairs per seed.
+        #[arg(long)]
+        n_val: usize,
+        /// Seeds, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+        seeds: Vec<u64>,
+        /// Image side both sides train and are scored at.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        /// An out-of-domain dataset scored as well, e.g. ../shared/data/ph2.
+        #[arg(long)]
+        ood: Option<PathBuf>,
+        /// The comparison folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Use this `genseg` binary instead of building one.
+        #[arg(long)]
+        genseg_bin: Option<PathBuf>,
+    },
     /// Runs `genseg data check` on every dataset folder under a directory.
     CheckDatasets {
         /// The folder holding one sub-folder per dataset.
@@ -125,6 +155,28 @@ fn main() -> Result<()> {
                 warmup,
                 threads,
                 out: root.join(out),
+            },
+        ),
+        Recipe::BenchVsNnunet {
+            data,
+            n_train,
+            n_val,
+            seeds,
+            size,
+            ood,
+            out,
+            genseg_bin,
+        } => bench_vs_nnunet::run(
+            &root,
+            &bench_vs_nnunet::Plan {
+                data: root.join(data),
+                n_train,
+                n_val,
+                seeds,
+                size,
+                ood: ood.map(|o| root.join(o)),
+                out: root.join(out),
+                genseg_bin: genseg_bin.map(|b| root.join(b)),
             },
         ),
         Recipe::Experiment {
