@@ -45,6 +45,8 @@ def write_cases(data, ids, size, images_dir, labels_dir=None):
 
 
 def run(cmd, env, log):
+    # nnU-Net's commands live next to this interpreter (the venv's bin/, not on PATH).
+    cmd = [str(Path(sys.executable).parent / cmd[0])] + cmd[1:]
     print("+", " ".join(cmd), file=sys.stderr, flush=True)
     start = time.time()
     with open(log, "a") as out:
