@@ -423,7 +423,25 @@ pub fn write_safetensors(
     }
     let bytes = safetensors::serialize(host.iter().map(|(n, t)| (*n, t)), metadata)
         .with_context(|| format!("serialising {}", path.display()))?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &sorted_header(bytes)?)
+}
+
+/// The same safetensors bytes with the JSON header's keys sorted: safetensors writes its
+/// metadata `HashMap` in a random order, so two saves of one state would differ. Sorting
+/// keeps every key and value (the data offsets are explicit), and the header's length.
+fn sorted_header(mut bytes: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n])?;
+    let value: serde_json::Value = serde_json::from_str(header)?;
+    let sorted = serde_json::to_string(&value)?;
+    anyhow::ensure!(
+        sorted.len() <= n,
+        "re-serialised safetensors header grew from {n} to {} bytes",
+        sorted.len()
+    );
+    let padded = format!("{sorted:<n$}");
+    bytes[8..8 + n].copy_from_slice(padded.as_bytes());
+    Ok(bytes)
 }
 
 /// Reads every tensor of a safetensors file onto `device`, with the file's metadata.
@@ -724,6 +742,42 @@ mod tests {
             entries(root.path()).is_empty(),
             "nothing written on a rejected save"
         );
+    }
+
+    #[test]
+    fn safetensors_files_are_byte_identical_across_saves_with_sorted_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = BTreeMap::from([
+            (
+                "b".to_string(),
+                Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap(),
+            ),
+            (
+                "a".to_string(),
+                Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+            ),
+        ]);
+        let metadata = || -> HashMap<String, String> {
+            (0..12)
+                .map(|i| (format!("key{i:02}"), i.to_string()))
+                .collect()
+        };
+        let first = dir.path().join("first.safetensors");
+        write_safetensors(&first, &tensors, Some(metadata())).unwrap();
+        let expected = fs::read(&first).unwrap();
+        for k in 0..8 {
+            let path = dir.path().join(format!("{k}.safetensors"));
+            write_safetensors(&path, &tensors, Some(metadata())).unwrap();
+            assert_eq!(fs::read(&path).unwrap(), expected, "save {k} differs");
+        }
+        let header = String::from_utf8_lossy(&expected[8..]).to_string();
+        let keys: Vec<usize> = (0..12)
+            .map(|i| header.find(&format!("\"key{i:02}\"")).unwrap())
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{header}");
+        let (read, meta) = read_safetensors(&first, &Device::Cpu).unwrap();
+        assert_eq!(meta, metadata());
+        assert_eq!(read["b"].to_vec2::<f32>().unwrap(), vec![vec![1.0; 2]; 2]);
     }
 
     #[test]
