@@ -119,6 +119,8 @@ pub struct NnUnetInfo {
     pub labels: BTreeMap<String, Vec<u16>>,
     /// The file ending of every image and label file, e.g. `.png`.
     pub file_ending: String,
+    /// `numTraining`, when the file declares it: the number of labelled training cases.
+    pub num_training: Option<u64>,
 }
 
 impl NnUnetInfo {
@@ -209,14 +211,32 @@ pub fn detect_layout(dir: &Path) -> Result<Layout> {
 
 /// Image files of a folder as (file name without `ending`, path), sorted by name. Hidden files and
 /// files that do not end in `ending` (or, when `ending` is `None`, in an image extension) are skipped.
-fn list_files(dir: &Path, ending: Option<&str>) -> Result<Vec<(String, PathBuf)>> {
+fn list_files(
+    dir: &Path,
+    ending: Option<&str>,
+    problems: &mut Vec<DataError>,
+) -> Result<Vec<(String, PathBuf)>> {
     let entries = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
     let mut files = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| DataError::io(dir, e))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || !path.is_file() {
+        if name.starts_with('.') {
+            continue;
+        }
+        // A link that resolves to nothing (dangling, or a loop) is reported, not skipped:
+        // it is almost always a case the user meant to include.
+        if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+            if let Err(e) = std::fs::metadata(&path) {
+                problems.push(DataError::InvalidLayout {
+                    path,
+                    message: format!("symbolic link leads nowhere (dangling, or a loop): {e}"),
+                });
+                continue;
+            }
+        }
+        if !path.is_file() {
             continue;
         }
         let stem = match ending {
@@ -346,8 +366,8 @@ pub fn discover(dir: &Path, choice: LayoutChoice) -> Result<Discovery> {
     let mut nnunet = None;
     let pairs = match layout {
         Layout::Folder => {
-            let images = index_by_id(list_files(&image_dir, None)?, &mut problems);
-            let masks = index_by_id(list_files(&mask_dir, None)?, &mut problems);
+            let images = index_by_id(list_files(&image_dir, None, &mut problems)?, &mut problems);
+            let masks = index_by_id(list_files(&mask_dir, None, &mut problems)?, &mut problems);
             let md = mask_dir.clone();
             pair(
                 images,
@@ -358,8 +378,8 @@ pub fn discover(dir: &Path, choice: LayoutChoice) -> Result<Discovery> {
             )
         }
         Layout::GenSeg => {
-            let images = index_by_id(list_files(&image_dir, None)?, &mut problems);
-            let masks = index_by_id(list_files(&mask_dir, None)?, &mut problems);
+            let images = index_by_id(list_files(&image_dir, None, &mut problems)?, &mut problems);
+            let masks = index_by_id(list_files(&mask_dir, None, &mut problems)?, &mut problems);
             let md = mask_dir.clone();
             pair(
                 images,
@@ -382,7 +402,7 @@ pub fn discover(dir: &Path, choice: LayoutChoice) -> Result<Discovery> {
         Layout::NnUnet => {
             let info = read_dataset_json(&dir.join("dataset.json"))?;
             let mut images = Vec::new();
-            for (name, path) in list_files(&image_dir, Some(&info.file_ending))? {
+            for (name, path) in list_files(&image_dir, Some(&info.file_ending), &mut problems)? {
                 match name.strip_suffix("_0000") {
                     Some(case) => images.push((case.to_owned(), path)),
                     None => problems.push(DataError::InvalidLayout {
@@ -393,9 +413,19 @@ pub fn discover(dir: &Path, choice: LayoutChoice) -> Result<Discovery> {
             }
             let images = index_by_id(images, &mut problems);
             let masks = index_by_id(
-                list_files(&mask_dir, Some(&info.file_ending))?,
+                list_files(&mask_dir, Some(&info.file_ending), &mut problems)?,
                 &mut problems,
             );
+            if let Some(n) = info.num_training.filter(|&n| n != masks.len() as u64) {
+                problems.push(DataError::InvalidLayout {
+                    path: info.dataset_json.clone(),
+                    message: format!(
+                        "numTraining is {n} but {} holds {} label file(s)",
+                        mask_dir.display(),
+                        masks.len()
+                    ),
+                });
+            }
             let (md, ending) = (mask_dir.clone(), info.file_ending.clone());
             let pairs = pair(
                 images,
@@ -429,11 +459,21 @@ pub fn read_dataset_json(path: &Path) -> Result<NnUnetInfo> {
         path: path.to_path_buf(),
         message,
     };
-    let file_ending = json
-        .get("file_ending")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| invalid("missing string field \"file_ending\"".into()))?
-        .to_owned();
+    // A field that is absent and one of the wrong type get different messages.
+    let field = |key: &str, kind: &str| {
+        json.get(key)
+            .ok_or_else(|| invalid(format!("missing field {key:?} ({kind})")))
+            .map(|v| {
+                (
+                    v,
+                    invalid(format!("field {key:?} must be {kind}, found {v}")),
+                )
+            })
+    };
+    let file_ending = match field("file_ending", "a string")? {
+        (serde_json::Value::String(s), _) => s.clone(),
+        (_, wrong) => return Err(wrong),
+    };
     let ext = file_ending.trim_start_matches('.').to_ascii_lowercase();
     if !IMAGE_EXTENSIONS.contains(&ext.as_str()) {
         return Err(invalid(format!(
@@ -442,21 +482,32 @@ pub fn read_dataset_json(path: &Path) -> Result<NnUnetInfo> {
         )));
     }
     // nnU-Net v2 says "channel_names"; v1-converted files still say "modality".
-    let channels = json
-        .get("channel_names")
-        .or_else(|| json.get("modality"))
-        .and_then(|v| v.as_object())
-        .ok_or_else(|| invalid("missing object field \"channel_names\"".into()))?;
+    let channel_key = match json.get("channel_names") {
+        None if json.get("modality").is_some() => "modality",
+        _ => "channel_names",
+    };
+    let channels = match field(channel_key, "an object")? {
+        (serde_json::Value::Object(o), _) => o,
+        (_, wrong) => return Err(wrong),
+    };
     if channels.len() != 1 {
         return Err(invalid(format!(
             "{} channel files per case declared in channel_names; only one (_0000, grayscale or RGB) is supported",
             channels.len()
         )));
     }
-    let labels_json = json
-        .get("labels")
-        .and_then(|v| v.as_object())
-        .ok_or_else(|| invalid("missing object field \"labels\"".into()))?;
+    let labels_json = match field("labels", "an object of label name: value")? {
+        (serde_json::Value::Object(o), _) => o,
+        (_, wrong) => return Err(wrong),
+    };
+    let num_training = match json.get("numTraining") {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            invalid(format!(
+                "field \"numTraining\" must be a non-negative integer, found {v}"
+            ))
+        })?),
+    };
     let mut labels = BTreeMap::new();
     for (name, value) in labels_json {
         let as_label = |v: &serde_json::Value| {
@@ -478,6 +529,7 @@ pub fn read_dataset_json(path: &Path) -> Result<NnUnetInfo> {
         dataset_json: path.to_path_buf(),
         labels,
         file_ending,
+        num_training,
     })
 }
 
@@ -602,6 +654,74 @@ mod tests {
         let info = found.nnunet.unwrap();
         assert_eq!(info.label_values(), BTreeSet::from([0, 1, 2]));
         assert_eq!(info.file_ending, ".png");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn dangling_links_and_link_loops_are_reported_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["images/a.png", "masks/a.png", "images/b.png"] {
+            touch(&d.join(f));
+        }
+        std::os::unix::fs::symlink(d.join("gone.png"), d.join("masks/b.png")).unwrap();
+        std::os::unix::fs::symlink(d.join("images/c.png"), d.join("images/c.png")).unwrap();
+        let found = discover(d, LayoutChoice::Folder).unwrap();
+        assert_eq!(found.ids(), vec!["a"]);
+        let messages: Vec<String> = found.problems.iter().map(|p| p.to_string()).collect();
+        for name in ["masks/b.png", "images/c.png"] {
+            assert!(
+                messages
+                    .iter()
+                    .any(|m| m.contains(name) && m.contains("symbolic link leads nowhere")),
+                "{name}: {messages:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn nnunet_flags_a_num_training_mismatch_and_names_wrong_typed_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_nnunet(d, r#"{"0": "xray"}"#, ".png");
+        for f in ["imagesTr/c1_0000.png", "labelsTr/c1.png"] {
+            touch(&d.join(f));
+        }
+        let found = discover(d, LayoutChoice::Auto).unwrap();
+        assert_eq!(found.problems.len(), 1);
+        let msg = found.problems[0].to_string();
+        assert!(
+            msg.contains("dataset.json")
+                && msg.contains("numTraining is 2")
+                && msg.contains("1 label file"),
+            "{msg}"
+        );
+        let json = d.join("dataset.json");
+        for (text, expected) in [
+            (
+                r#"{"channel_names": {"0": "x"}, "labels": ["background", "lung"], "file_ending": ".png"}"#,
+                "field \"labels\" must be an object",
+            ),
+            (
+                r#"{"channel_names": {"0": "x"}, "file_ending": ".png"}"#,
+                "missing field \"labels\" (an object of label name: value)",
+            ),
+            (
+                r#"{"channel_names": {"0": "x"}, "labels": {"background": 0}, "file_ending": 5}"#,
+                "field \"file_ending\" must be a string, found 5",
+            ),
+            (
+                r#"{"channel_names": {"0": "x"}, "labels": {"background": 0}, "numTraining": "9", "file_ending": ".png"}"#,
+                "\"numTraining\" must be a non-negative integer, found \"9\"",
+            ),
+        ] {
+            std::fs::write(&json, text).unwrap();
+            let err = read_dataset_json(&json).unwrap_err().to_string();
+            assert!(
+                err.contains("dataset.json") && err.contains(expected),
+                "{err}"
+            );
+        }
     }
 
     #[test]
