@@ -47,9 +47,41 @@ where
     })
 }
 
+/// An error and its causes on one line, "what failed: why", each cause once: many errors
+/// already end with their cause's text (`"x.png: cannot decode image: Invalid PNG
+/// signature."` over the decoder's own error), and printing the chain again would repeat it.
+pub fn error_message(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if message.is_empty() {
+            message = text;
+        } else if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::names;
+
+    #[test]
+    fn error_messages_name_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let err = anyhow::Error::new(genseg_data::DataError::io("data/x.png", io))
+            .context("loading the dataset");
+        assert_eq!(
+            super::error_message(&err),
+            "loading the dataset: data/x.png: no such file"
+        );
+        let err = anyhow::anyhow!("dataset folder not found").context("dataset folder not found");
+        assert_eq!(super::error_message(&err), "dataset folder not found");
+        let err = anyhow::anyhow!("disk full").context("writing last/");
+        assert_eq!(super::error_message(&err), "writing last/: disk full");
+    }
     use genseg_pipelines::config::parse_name;
 
     fn all<T: serde::de::DeserializeOwned>(list: &[&str]) {

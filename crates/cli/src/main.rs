@@ -74,8 +74,7 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            // `{:#}` prints the whole context chain on one line: "what failed: why".
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", genseg::error_message(&err));
             std::process::ExitCode::FAILURE
         }
     }

@@ -107,10 +107,33 @@ pub fn to_table<T: Serialize>(value: &T) -> Result<Table> {
     toml::from_str(&text).context("re-reading the serialised configuration")
 }
 
-/// A TOML table back into a typed config; type errors name the key.
+/// A TOML table back into a typed config; type errors name the dotted key (the text
+/// parsed here is our own serialisation, so its line numbers would mean nothing to a user).
 pub fn from_table<T: DeserializeOwned>(table: Table) -> Result<T> {
     let text = toml::to_string(&table).context("serialising the configuration")?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+    toml::from_str(&text).map_err(|e| {
+        let key = e.span().and_then(|span| key_at(&text, span.start));
+        match key {
+            Some(key) => anyhow::anyhow!("invalid configuration: `{key}`: {}", e.message()),
+            None => anyhow::anyhow!("invalid configuration: {}", e.message()),
+        }
+    })
+}
+
+/// The dotted key of the `key = value` line holding byte `offset` of a serialised table.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split_once('=')?.0.trim();
+    let section = before[..line_start]
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'));
+    Some(match section {
+        Some(section) => format!("{section}.{key}"),
+        None => key.to_string(),
+    })
 }
 
 /// Defaults -> optional config file -> `key=value` overrides.
@@ -207,7 +230,17 @@ mod tests {
     #[test]
     fn wrong_types_are_errors() {
         let err = layered(&defaults(), None, &["train.iterations=many".to_string()]).unwrap_err();
-        assert!(format!("{err:#}").contains("invalid"), "{err:#}");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("`train.iterations`: invalid type: string \"many\"")
+                && !msg.contains("line"),
+            "{msg}"
+        );
+        let err = layered(&defaults(), None, &["seed=-1".to_string()]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("`seed`: invalid value"),
+            "{err:#}"
+        );
     }
 
     #[test]
