@@ -2,6 +2,7 @@
 
 mod bench_cli;
 mod data_cli;
+mod fuzz_loaders;
 mod generator_cli;
 mod support;
 mod train_cli;

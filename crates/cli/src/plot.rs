@@ -32,11 +32,14 @@ pub struct Series<'a> {
     pub color: RGBColor,
 }
 
-/// Draws stacked panels, one per `(title, y label, curves)`, into a PNG.
+/// Draws stacked panels, one per `(title, y label, curves)`, into a PNG. The figure is
+/// drawn in memory and written through a temporary file and a rename, so a crash while
+/// drawing never leaves a damaged plot.
 pub fn plot_panels(path: &Path, panels: &[(&str, &str, Vec<Series>)]) -> Result<()> {
     register_embedded_font()?;
     let (width, height) = (900u32, 320 * panels.len().max(1) as u32);
-    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
+    let mut pixels = vec![0u8; width as usize * height as usize * 3];
+    let root = BitMapBackend::with_buffer(&mut pixels, (width, height)).into_drawing_area();
     let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
         root.fill(&WHITE)?;
         let areas = root.split_evenly((panels.len().max(1), 1));
@@ -95,7 +98,12 @@ pub fn plot_panels(path: &Path, panels: &[(&str, &str, Vec<Series>)]) -> Result<
     };
     draw()
         .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("drawing {}", path.display()))
+        .with_context(|| format!("drawing {}", path.display()))?;
+    drop(root);
+    let image = image::RgbImage::from_raw(width, height, pixels)
+        .context("the plot buffer has the figure's size")?;
+    genseg_data::writer::write_image(path, &image::DynamicImage::ImageRgb8(image))?;
+    Ok(())
 }
 
 /// Draws `figure` into `dir/<figure.file>`.
