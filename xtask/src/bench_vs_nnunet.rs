@@ -11,29 +11,19 @@
 //! folders, `nnunet.log`, `score-*`), `results.md`.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
 use crate::bench_vs_torch::ensure_venv;
-use crate::experiment::{loop_seconds, mean_dice, mean_std, read_json, s, train_or_resume};
+use crate::experiment::{
+    Study, loop_seconds, mean_dice, mean_std, read_json, s, table_head, train_or_resume,
+};
 use crate::{build_genseg, genseg};
 
 /// The nnU-Net release the comparison was measured with.
 const NNUNET: &str = "nnunetv2==2.8.1";
-
-/// What to run.
-pub struct Plan {
-    pub data: PathBuf,
-    pub n_train: usize,
-    pub n_val: usize,
-    pub seeds: Vec<u64>,
-    pub size: u32,
-    pub ood: Option<PathBuf>,
-    pub out: PathBuf,
-    pub genseg_bin: Option<PathBuf>,
-}
 
 /// One seed's numbers: `(test Dice, out-of-domain Dice, training seconds)` per side.
 struct SeedResult {
@@ -42,7 +32,7 @@ struct SeedResult {
     nnunet: (f64, Option<f64>, f64),
 }
 
-pub fn run(root: &Path, plan: &Plan) -> Result<()> {
+pub fn run(root: &Path, plan: &Study, size: u32) -> Result<()> {
     if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") {
         bail!("bench-vs-nnunet installs nnU-Net from PyPI and trains for hours; not in CI");
     }
@@ -56,7 +46,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
     };
     std::fs::create_dir_all(&plan.out)
         .with_context(|| format!("creating {}", plan.out.display()))?;
-    let size = plan.size.to_string();
+    let size_arg = size.to_string();
     let mut results = Vec::new();
     for &seed in &plan.seeds {
         let split = plan.out.join(format!("split-s{seed}.json"));
@@ -128,7 +118,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
             let mut cmd = Command::new(&python);
             cmd.arg(root.join("xtask/bench/nnunet_run.py"))
                 .args(["--data", &s(&plan.data), "--split-file", &s(&split)])
-                .args(["--size", &size, "--work", &s(&work)])
+                .args(["--size", &size_arg, "--work", &s(&work)])
                 .args(["--dataset-id", &(500 + seed).to_string()]);
             if let Some(ood) = &plan.ood {
                 cmd.args(["--ood", &s(ood)]);
@@ -164,7 +154,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
                 "--data".into(),
                 s(data),
                 "--size".into(),
-                size.clone(),
+                size_arg.clone(),
                 "--out".into(),
                 s(&out),
             ];
@@ -192,28 +182,22 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
             ours: ours_result,
             nnunet: (nn_test, nn_ood, nn_seconds),
         });
-        let table = markdown(plan, &results);
+        let table = markdown(plan, size, &results);
         std::fs::write(plan.out.join("results.md"), &table)?;
     }
     print!("{}", std::fs::read_to_string(plan.out.join("results.md"))?);
     Ok(())
 }
 
-fn markdown(plan: &Plan, rows: &[SeedResult]) -> String {
+fn markdown(plan: &Study, size: u32, rows: &[SeedResult]) -> String {
     let mut md = format!(
         "Strong recipe vs nnU-Net v2 ({NNUNET}, 2d, nnUNetTrainer_50epochs, CPU) on {} \
-         ({} train + {} val, {} px); Dice mean over cases, then mean ± sample std over \
-         seeds. Training wall time per run.\n\n| side | seeds | test Dice | {}train time |\n|---|---|---|{}---|\n",
+         ({} train + {} val, {size} px); Dice mean over cases, then mean ± sample std over \
+         seeds. Training wall time per run.\n\n{}",
         plan.data.display(),
         plan.n_train,
         plan.n_val,
-        plan.size,
-        if plan.ood.is_some() {
-            "out-of-domain Dice | "
-        } else {
-            ""
-        },
-        if plan.ood.is_some() { "---|" } else { "" },
+        table_head("side", plan.ood.is_some(), "train time"),
     );
     let seeds: Vec<String> = rows.iter().map(|r| r.seed.to_string()).collect();
     for (name, side) in [

@@ -13,16 +13,62 @@ use crate::{build_genseg, genseg};
 
 /// What to run.
 pub struct Plan {
-    pub data: PathBuf,
-    pub n_train: usize,
-    pub n_val: usize,
-    pub seeds: Vec<u64>,
+    pub study: Study,
     pub methods: Vec<String>,
-    pub ood: Option<PathBuf>,
     pub sets: Vec<String>,
     pub pretrain_sets: Vec<String>,
+}
+
+/// What every multi-seed recipe (`experiment`, `bench-vs-nnunet`) is run on and where it
+/// writes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Study {
+    /// The labelled pool.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Training pairs per seed.
+    #[arg(long)]
+    pub n_train: usize,
+    /// Validation pairs per seed.
+    #[arg(long)]
+    pub n_val: usize,
+    /// Seeds, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    pub seeds: Vec<u64>,
+    /// A dataset to score every run on as well (out of domain), e.g. ../shared/data/ph2.
+    #[arg(long)]
+    pub ood: Option<PathBuf>,
+    /// The study folder (one run folder per method or side, and seed; results.md).
+    #[arg(long)]
     pub out: PathBuf,
+    /// Use this `genseg` binary instead of building one (e.g. a CUDA build, or a copy
+    /// that later builds of the tree do not replace mid-experiment).
+    #[arg(long)]
     pub genseg_bin: Option<PathBuf>,
+}
+
+impl Study {
+    /// The same study with its paths taken relative to `root` (absolute ones stay).
+    pub fn under(self, root: &Path) -> Self {
+        Self {
+            data: root.join(self.data),
+            ood: self.ood.map(|o| root.join(o)),
+            out: root.join(self.out),
+            genseg_bin: self.genseg_bin.map(|b| root.join(b)),
+            ..self
+        }
+    }
+}
+
+/// The head of a results table: `| <first> | seeds | test Dice | [out-of-domain Dice |]
+/// <last> |` and its rule.
+pub(crate) fn table_head(first: &str, ood: bool, last: &str) -> String {
+    let (ood_head, ood_rule) = if ood {
+        ("out-of-domain Dice | ", "---|")
+    } else {
+        ("", "")
+    };
+    format!("| {first} | seeds | test Dice | {ood_head}{last} |\n|---|---|---|{ood_rule}---|\n")
 }
 
 /// One finished segmentation run.
@@ -92,27 +138,27 @@ pub(crate) fn train_or_resume(
 }
 
 pub fn run(root: &Path, plan: &Plan) -> Result<()> {
-    let bin = match &plan.genseg_bin {
+    let bin = match &plan.study.genseg_bin {
         Some(b) => b.clone(),
         None => build_genseg(root)?,
     };
-    std::fs::create_dir_all(&plan.out)
-        .with_context(|| format!("creating {}", plan.out.display()))?;
+    std::fs::create_dir_all(&plan.study.out)
+        .with_context(|| format!("creating {}", plan.study.out.display()))?;
     let common = |seed: u64| -> Vec<String> {
         vec![
             "--data".into(),
-            s(&plan.data),
+            s(&plan.study.data),
             "--n-train".into(),
-            plan.n_train.to_string(),
+            plan.study.n_train.to_string(),
             "--n-val".into(),
-            plan.n_val.to_string(),
+            plan.study.n_val.to_string(),
             "--seed".into(),
             seed.to_string(),
         ]
     };
     let mut rows = Vec::new();
-    for &seed in &plan.seeds {
-        let pix2pix = plan.out.join(format!("pix2pix-s{seed}"));
+    for &seed in &plan.study.seeds {
+        let pix2pix = plan.study.out.join(format!("pix2pix-s{seed}"));
         if plan.methods.iter().any(|m| uses_generator(m)) {
             let mut args = common(seed);
             args.extend(["--out".into(), s(&pix2pix)]);
@@ -122,7 +168,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
             train_or_resume(&bin, "pretrain-generator", &pix2pix, None, &args)?;
         }
         for method in &plan.methods {
-            let run = plan.out.join(format!("{method}-s{seed}"));
+            let run = plan.study.out.join(format!("{method}-s{seed}"));
             let mut args = common(seed);
             args.extend(["--method".into(), method.clone(), "--out".into(), s(&run)]);
             if uses_generator(method) {
@@ -133,7 +179,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
             }
             let test_summary = run.join("eval-test").join("summary.json");
             train_or_resume(&bin, "train", &run, Some(&test_summary), &args)?;
-            let ood_dice = match &plan.ood {
+            let ood_dice = match &plan.study.ood {
                 Some(ood) => {
                     let name = ood
                         .file_name()
@@ -157,7 +203,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
             write_results(plan, &rows)?;
         }
     }
-    let table = std::fs::read_to_string(plan.out.join("results.md"))?;
+    let table = std::fs::read_to_string(plan.study.out.join("results.md"))?;
     println!("{table}");
     Ok(())
 }
@@ -184,19 +230,14 @@ fn write_results(plan: &Plan, rows: &[Row]) -> Result<()> {
             r.method, r.seed, r.test_dice, r.seconds
         )?;
     }
-    std::fs::write(plan.out.join("results.csv"), csv)?;
+    std::fs::write(plan.study.out.join("results.csv"), csv)?;
     let mut md = format!(
         "{} ({} train + {} val per seed); Dice is each run's mean over its cases, then mean ± \
-         sample std over seeds\n\n| method | seeds | test Dice | {}train time per run |\n|---|---|---|{}---|\n",
-        plan.data.display(),
-        plan.n_train,
-        plan.n_val,
-        if plan.ood.is_some() {
-            "out-of-domain Dice | "
-        } else {
-            ""
-        },
-        if plan.ood.is_some() { "---|" } else { "" },
+         sample std over seeds\n\n{}",
+        plan.study.data.display(),
+        plan.study.n_train,
+        plan.study.n_val,
+        table_head("method", plan.study.ood.is_some(), "train time per run"),
     );
     for method in &plan.methods {
         let mine: Vec<&Row> = rows.iter().filter(|r| &r.method == method).collect();
@@ -206,7 +247,7 @@ fn write_results(plan: &Plan, rows: &[Row]) -> Result<()> {
         let (t, ts) = mean_std(&mine.iter().map(|r| r.test_dice).collect::<Vec<_>>());
         let (sec, _) = mean_std(&mine.iter().map(|r| r.seconds).collect::<Vec<_>>());
         let seeds: Vec<String> = mine.iter().map(|r| r.seed.to_string()).collect();
-        let ood = if plan.ood.is_some() {
+        let ood = if plan.study.ood.is_some() {
             let (o, os) = mean_std(&mine.iter().filter_map(|r| r.ood_dice).collect::<Vec<_>>());
             format!("{o:.3} ± {os:.3} | ")
         } else {
@@ -219,6 +260,6 @@ fn write_results(plan: &Plan, rows: &[Row]) -> Result<()> {
             sec
         )?;
     }
-    std::fs::write(plan.out.join("results.md"), md)?;
+    std::fs::write(plan.study.out.join("results.md"), md)?;
     Ok(())
 }

@@ -36,18 +36,8 @@ enum Recipe {
     /// in `--out` get mean ± std over the seeds. Re-running continues: finished runs are
     /// kept, interrupted ones resumed.
     Experiment {
-        /// The labelled pool.
-        #[arg(long)]
-        data: PathBuf,
-        /// Training pairs per seed.
-        #[arg(long)]
-        n_train: usize,
-        /// Validation pairs per seed.
-        #[arg(long)]
-        n_val: usize,
-        /// Seeds, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
-        seeds: Vec<u64>,
+        #[command(flatten)]
+        study: experiment::Study,
         /// Methods, comma-separated (baseline, separate, genseg, or an augmentation baseline).
         #[arg(
             long,
@@ -55,22 +45,12 @@ enum Recipe {
             default_value = "baseline,separate,genseg"
         )]
         methods: Vec<String>,
-        /// A dataset to score every run on as well (out of domain), e.g. ../shared/data/ph2.
-        #[arg(long)]
-        ood: Option<PathBuf>,
         /// `--set` overrides for the segmentation runs (all methods).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
         /// `--set` overrides for the generator pre-training runs.
         #[arg(long = "pretrain-set", value_name = "KEY=VALUE")]
         pretrain_sets: Vec<String>,
-        /// The experiment folder (one run folder per method and seed).
-        #[arg(long)]
-        out: PathBuf,
-        /// Use this `genseg` binary instead of building one (e.g. a CUDA build, or a copy
-        /// that later builds of the tree do not replace mid-experiment).
-        #[arg(long)]
-        genseg_bin: Option<PathBuf>,
     },
     /// One training step of the same networks in genseg and in PyTorch (installed from PyPI
     /// into target/bench-venv; not for CI): runs `genseg bench-step` and
@@ -101,30 +81,11 @@ enum Recipe {
     /// target/bench-venv; not for CI): per seed the same split and images, both trained on
     /// the CPU, both scored by `genseg score`; writes results.md in `--out`.
     BenchVsNnunet {
-        /// The labelled pool (images/ + masks/).
-        #[arg(long)]
-        data: PathBuf,
-        /// Training pairs per seed.
-        #[arg(long)]
-        n_train: usize,
-        /// Validation pairs per seed.
-        #[arg(long)]
-        n_val: usize,
-        /// Seeds, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
-        seeds: Vec<u64>,
+        #[command(flatten)]
+        study: experiment::Study,
         /// Image side both sides train and are scored at.
         #[arg(long, default_value_t = 64)]
         size: u32,
-        /// An out-of-domain dataset scored as well, e.g. ../shared/data/ph2.
-        #[arg(long)]
-        ood: Option<PathBuf>,
-        /// The comparison folder.
-        #[arg(long)]
-        out: PathBuf,
-        /// Use this `genseg` binary instead of building one.
-        #[arg(long)]
-        genseg_bin: Option<PathBuf>,
     },
     /// Runs `genseg data check` on every dataset folder under a directory.
     CheckDatasets {
@@ -157,52 +118,21 @@ fn main() -> Result<()> {
                 out: root.join(out),
             },
         ),
-        Recipe::BenchVsNnunet {
-            data,
-            n_train,
-            n_val,
-            seeds,
-            size,
-            ood,
-            out,
-            genseg_bin,
-        } => bench_vs_nnunet::run(
-            &root,
-            &bench_vs_nnunet::Plan {
-                data: root.join(data),
-                n_train,
-                n_val,
-                seeds,
-                size,
-                ood: ood.map(|o| root.join(o)),
-                out: root.join(out),
-                genseg_bin: genseg_bin.map(|b| root.join(b)),
-            },
-        ),
+        Recipe::BenchVsNnunet { study, size } => {
+            bench_vs_nnunet::run(&root, &study.under(&root), size)
+        }
         Recipe::Experiment {
-            data,
-            n_train,
-            n_val,
-            seeds,
+            study,
             methods,
-            ood,
             sets,
             pretrain_sets,
-            out,
-            genseg_bin,
         } => experiment::run(
             &root,
             &experiment::Plan {
-                data: root.join(data),
-                n_train,
-                n_val,
-                seeds,
+                study: study.under(&root),
                 methods,
-                ood: ood.map(|o| root.join(o)),
                 sets,
                 pretrain_sets,
-                out: root.join(out),
-                genseg_bin: genseg_bin.map(|b| root.join(b)),
             },
         ),
     }
