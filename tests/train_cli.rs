@@ -327,6 +327,7 @@ fn bad_inputs_are_named_errors() {
         &s(&tmp.path().join("no-val")),
     ]);
     assert!(err.contains("data.n_val must be > 0"), "{err}");
+    assert!(!tmp.path().join("no-val").exists());
     // A runaway size is refused before anything is allocated.
     let mut args = train(&data, &tmp.path().join("huge"), 2, &[]);
     args.extend(["--set".into(), "data.size=100000".into()]);
@@ -348,6 +349,29 @@ fn bad_inputs_are_named_errors() {
         err.contains('7') || err.contains("11"),
         "split larger than the pool: {err}"
     );
+    // Each of these failed before the run started: no half-made run folder is left.
+    assert!(!run.exists(), "a failed start left {}", run.display());
+    // An image that does not decode: the error names it, and the start is withdrawn
+    // without touching what the user had in the folder.
+    let images = data.join("images");
+    let first = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    std::fs::write(&first, b"not a png").unwrap();
+    std::fs::create_dir(&run).unwrap();
+    std::fs::write(run.join("notes.txt"), "mine").unwrap();
+    let args = train(&data, &run, 2, &[]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&refs);
+    let name = first.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(err.contains(&name), "{err}");
+    let left: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["notes.txt"]);
 }
 
 #[test]

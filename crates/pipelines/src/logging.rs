@@ -78,3 +78,8 @@ pub fn log_to_file(path: &Path) -> anyhow::Result<()> {
     *LOG_FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
     Ok(())
 }
+
+/// Stops writing log lines to the run's log file (its run folder is being withdrawn).
+pub fn stop_logging_to_file() {
+    *LOG_FILE.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}

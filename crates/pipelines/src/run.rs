@@ -51,12 +51,14 @@ pub struct PreparedRun {
     pub data: Dataset,
     /// The split in use.
     pub split: Split,
-    /// The claim on the run folder, held while the run trains.
+    /// The claim on the run folder, held while the run trains (for a new run, dropping it
+    /// before config.toml is written removes what the start wrote).
     pub lock: RunLock,
 }
 
 /// Creates the run folder `out` for `cfg`: absolute data path, the pool loaded, the split
-/// drawn (or read) and written. The caller writes config.toml once its own checks passed.
+/// drawn (or read) and written. The caller writes config.toml once its own checks passed;
+/// until then a failure (the returned lock dropped) withdraws what was written.
 pub fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
     let mut cfg = cfg;
     // Absolute, so `--resume` from another working directory finds the data and the
@@ -86,8 +88,10 @@ pub fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
             .with_context(|| format!("opening generator run {}", source.display()))?;
         cfg.adopt_generator(&read_generator_run(&dir)?);
     }
+    let created_folder = !out.exists();
     let run = RunDir::create(out)?;
-    let lock = RunLock::acquire(run.root())?;
+    // From here on a failure before config.toml is written withdraws the folder.
+    let lock = RunLock::acquire_new(run.root(), created_folder)?;
     crate::logging::log_to_file(&run.log_path())?;
     let data = cfg.data.load(&cfg.data.path)?;
     cfg.fit_to_data(data.channels());

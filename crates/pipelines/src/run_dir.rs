@@ -188,9 +188,49 @@ impl RunDir {
 #[derive(Debug)]
 pub struct RunLock {
     path: PathBuf,
+    /// For a run being started: what to withdraw if it never gets its config.toml.
+    new_run: Option<NewRun>,
+}
+
+/// A run folder being started by this process.
+#[derive(Debug)]
+struct NewRun {
+    root: PathBuf,
+    /// Whether this process made the folder (then an empty one is removed too).
+    created_folder: bool,
+}
+
+impl NewRun {
+    /// A start that failed before config.toml was written leaves nothing that looks like
+    /// a run: its train.log and split.json go, and the folder when this process made it.
+    fn withdraw_if_unstarted(&self) {
+        if self.root.join("config.toml").exists() {
+            return;
+        }
+        crate::logging::stop_logging_to_file();
+        for name in ["train.log", "split.json"] {
+            let _ = std::fs::remove_file(self.root.join(name));
+        }
+        if self.created_folder {
+            // Only when empty: never removes anything this process did not write.
+            let _ = std::fs::remove_dir(&self.root);
+        }
+    }
 }
 
 impl RunLock {
+    /// Claims the folder of a run being started; `created_folder` says whether this
+    /// process made it. Dropped before the run's config.toml exists (the start failed),
+    /// the claim also removes what the start wrote.
+    pub fn acquire_new(root: &Path, created_folder: bool) -> Result<Self> {
+        let mut lock = Self::acquire(root)?;
+        lock.new_run = Some(NewRun {
+            root: root.to_path_buf(),
+            created_folder,
+        });
+        Ok(lock)
+    }
+
     /// Claims `root`; an error names the process that holds it.
     pub fn acquire(root: &Path) -> Result<Self> {
         let path = root.join(".lock");
@@ -199,7 +239,10 @@ impl RunLock {
                 Ok(mut file) => {
                     writeln!(file, "{}", std::process::id())
                         .with_context(|| format!("writing {}", path.display()))?;
-                    return Ok(Self { path });
+                    return Ok(Self {
+                        path,
+                        new_run: None,
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let owner = std::fs::read_to_string(&path)
@@ -233,6 +276,9 @@ impl Drop for RunLock {
     fn drop(&mut self) {
         // Nothing to do if it is already gone; a failure leaves a lock that is stale by PID.
         let _ = std::fs::remove_file(&self.path);
+        if let Some(new_run) = &self.new_run {
+            new_run.withdraw_if_unstarted();
+        }
     }
 }
 
@@ -378,6 +424,39 @@ mod tests {
         // A lock left by a process that is gone (PIDs this large are never assigned).
         std::fs::write(dir.path().join(".lock"), "4294967295\n")?;
         let _lock = RunLock::acquire(dir.path())?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_start_that_fails_before_its_config_leaves_nothing_behind() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        // A folder this process made: removed with what the start wrote.
+        let made = dir.path().join("made");
+        std::fs::create_dir(&made)?;
+        let lock = RunLock::acquire_new(&made, true)?;
+        std::fs::write(made.join("train.log"), "started\n")?;
+        std::fs::write(made.join("split.json"), "[]")?;
+        drop(lock);
+        assert!(!made.exists());
+        // A folder the user made, holding a file of theirs: only the start's files go.
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs)?;
+        std::fs::write(theirs.join("notes.txt"), "mine")?;
+        let lock = RunLock::acquire_new(&theirs, false)?;
+        std::fs::write(theirs.join("train.log"), "started\n")?;
+        drop(lock);
+        let left: Vec<_> = std::fs::read_dir(&theirs)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<std::io::Result<_>>()?;
+        assert_eq!(left, vec![std::ffi::OsString::from("notes.txt")]);
+        // Once config.toml exists the run has started: everything stays.
+        let started = dir.path().join("started");
+        std::fs::create_dir(&started)?;
+        let lock = RunLock::acquire_new(&started, true)?;
+        std::fs::write(started.join("train.log"), "started\n")?;
+        std::fs::write(started.join("config.toml"), "")?;
+        drop(lock);
+        assert!(started.join("train.log").is_file());
         Ok(())
     }
 
