@@ -197,7 +197,7 @@ fn markdown(plan: &Study, size: u32, rows: &[SeedResult]) -> String {
         plan.data.display(),
         plan.n_train,
         plan.n_val,
-        table_head("side", plan.ood.is_some(), "train time"),
+        table_head("side", plan.ood.is_some(), &["train time"]),
     );
     let seeds: Vec<String> = rows.iter().map(|r| r.seed.to_string()).collect();
     for (name, side) in [

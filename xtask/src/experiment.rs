@@ -1,13 +1,19 @@
 //! `cargo xtask experiment`: the method comparison over seeds (docs/results.md).
 //!
-//! Layout of `--out`: `pix2pix-s<seed>/` (generator pre-training), `<method>-s<seed>/`
+//! A method is a `genseg train --method` name, run on the plain recipe, or `strong` /
+//! `strong-<method>`: the baseline / that method on `--recipe strong`. Each `--ablate
+//! NAME:KEY=VALUE;...` adds, per method, a variant `<method>-<NAME>` with those overrides:
+//! one piece of the recipe taken away, trained from the same split and seed.
+//!
+//! Layout of `--out`: `pix2pix-s<seed>/` (generator pre-training), `<variant>-s<seed>/`
 //! (segmentation runs, with `eval-test/` and `eval-<ood>-all/`), `results.csv` (one line
-//! per run) and `results.md` (mean ± std over seeds per method).
+//! per run) and `results.md` (mean ± std over seeds per variant, and the difference to the
+//! first variant, paired by seed).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::{build_genseg, genseg};
 
@@ -17,6 +23,82 @@ pub struct Plan {
     pub methods: Vec<String>,
     pub sets: Vec<String>,
     pub pretrain_sets: Vec<String>,
+    /// `NAME:KEY=VALUE;KEY=VALUE`, one per ablated piece.
+    pub ablations: Vec<String>,
+}
+
+/// One row of the study: a method on a recipe, with its own overrides.
+#[derive(Clone, Debug, PartialEq)]
+struct Variant {
+    /// The row's name and its run folders' prefix.
+    name: String,
+    /// `genseg train --method`.
+    method: String,
+    /// On `--recipe strong`.
+    strong: bool,
+    /// Its own `--set` overrides (after the plan's).
+    sets: Vec<String>,
+}
+
+impl Variant {
+    /// `baseline`, `genseg`, ... (plain recipe), `strong` or `strong-<method>`.
+    fn parse(spec: &str) -> Self {
+        let (strong, method) = match spec.strip_prefix("strong") {
+            Some("") => (true, "baseline"),
+            Some(rest) if rest.starts_with('-') => (true, &rest[1..]),
+            _ => (false, spec),
+        };
+        Self {
+            name: spec.to_string(),
+            method: method.to_string(),
+            strong,
+            sets: Vec::new(),
+        }
+    }
+
+    /// This variant with the ablation `NAME:KEY=VALUE;KEY=VALUE` applied.
+    fn ablated(&self, ablation: &str) -> Result<Self> {
+        let Some((name, sets)) = ablation.split_once(':') else {
+            bail!("--ablate {ablation:?}: expected NAME:KEY=VALUE[;KEY=VALUE...]");
+        };
+        let sets: Vec<String> = sets
+            .split(';')
+            .map(str::trim)
+            .filter(|kv| !kv.is_empty())
+            .map(String::from)
+            .collect();
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            || sets.is_empty()
+            || sets.iter().any(|kv| !kv.contains('='))
+        {
+            bail!(
+                "--ablate {ablation:?}: expected NAME:KEY=VALUE[;KEY=VALUE...], NAME of letters, \
+                 digits and '-'"
+            );
+        }
+        let mut variant = self.clone();
+        variant.name = format!("{}-{name}", self.name);
+        variant.sets.extend(sets);
+        Ok(variant)
+    }
+
+    fn uses_generator(&self) -> bool {
+        self.method == "separate" || self.method == "genseg"
+    }
+}
+
+/// Every variant of the plan, in table order: each method, then its ablations.
+fn variants(plan: &Plan) -> Result<Vec<Variant>> {
+    let mut all = Vec::new();
+    for spec in &plan.methods {
+        let variant = Variant::parse(spec);
+        for ablation in &plan.ablations {
+            all.push(variant.ablated(ablation)?);
+        }
+        all.insert(all.len() - plan.ablations.len(), variant);
+    }
+    Ok(all)
 }
 
 /// What every multi-seed recipe (`experiment`, `bench-vs-nnunet`) is run on and where it
@@ -61,28 +143,28 @@ impl Study {
 }
 
 /// The head of a results table: `| <first> | seeds | test Dice | [out-of-domain Dice |]
-/// <last> |` and its rule.
-pub(crate) fn table_head(first: &str, ood: bool, last: &str) -> String {
-    let (ood_head, ood_rule) = if ood {
-        ("out-of-domain Dice | ", "---|")
-    } else {
-        ("", "")
-    };
-    format!("| {first} | seeds | test Dice | {ood_head}{last} |\n|---|---|---|{ood_rule}---|\n")
+/// <last...> |` and its rule.
+pub(crate) fn table_head(first: &str, ood: bool, last: &[&str]) -> String {
+    let mut columns = vec![first, "seeds", "test Dice"];
+    if ood {
+        columns.push("out-of-domain Dice");
+    }
+    columns.extend(last);
+    format!(
+        "| {} |\n|{}\n",
+        columns.join(" | "),
+        "---|".repeat(columns.len())
+    )
 }
 
 /// One finished segmentation run.
 struct Row {
-    method: String,
+    variant: String,
     seed: u64,
     test_dice: f64,
     ood_dice: Option<f64>,
     /// Training loop wall time (without the test evaluation).
     seconds: f64,
-}
-
-fn uses_generator(method: &str) -> bool {
-    method == "separate" || method == "genseg"
 }
 
 pub(crate) fn s(p: &Path) -> String {
@@ -138,6 +220,7 @@ pub(crate) fn train_or_resume(
 }
 
 pub fn run(root: &Path, plan: &Plan) -> Result<()> {
+    let variants = variants(plan)?;
     let bin = match &plan.study.genseg_bin {
         Some(b) => b.clone(),
         None => build_genseg(root)?,
@@ -159,7 +242,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
     let mut rows = Vec::new();
     for &seed in &plan.study.seeds {
         let pix2pix = plan.study.out.join(format!("pix2pix-s{seed}"));
-        if plan.methods.iter().any(|m| uses_generator(m)) {
+        if variants.iter().any(Variant::uses_generator) {
             let mut args = common(seed);
             args.extend(["--out".into(), s(&pix2pix)]);
             for kv in &plan.pretrain_sets {
@@ -167,14 +250,22 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
             }
             train_or_resume(&bin, "pretrain-generator", &pix2pix, None, &args)?;
         }
-        for method in &plan.methods {
-            let run = plan.study.out.join(format!("{method}-s{seed}"));
+        for variant in &variants {
+            let run = plan.study.out.join(format!("{}-s{seed}", variant.name));
             let mut args = common(seed);
-            args.extend(["--method".into(), method.clone(), "--out".into(), s(&run)]);
-            if uses_generator(method) {
+            args.extend([
+                "--method".into(),
+                variant.method.clone(),
+                "--out".into(),
+                s(&run),
+            ]);
+            if variant.strong {
+                args.extend(["--recipe".into(), "strong".into()]);
+            }
+            if variant.uses_generator() {
                 args.extend(["--generator".into(), s(&pix2pix)]);
             }
-            for kv in &plan.sets {
+            for kv in plan.sets.iter().chain(&variant.sets) {
                 args.extend(["--set".into(), kv.clone()]);
             }
             let test_summary = run.join("eval-test").join("summary.json");
@@ -194,13 +285,13 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
                 None => None,
             };
             rows.push(Row {
-                method: method.clone(),
+                variant: variant.name.clone(),
                 seed,
                 test_dice: mean_dice(&test_summary)?,
                 ood_dice,
                 seconds: loop_seconds(&run)?,
             });
-            write_results(plan, &rows)?;
+            write_results(plan, &variants, &rows)?;
         }
     }
     let table = std::fs::read_to_string(plan.study.out.join("results.md"))?;
@@ -220,46 +311,177 @@ pub(crate) fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-fn write_results(plan: &Plan, rows: &[Row]) -> Result<()> {
-    let mut csv = String::from("method,seed,test_dice,ood_dice,train_seconds\n");
+fn write_results(plan: &Plan, variants: &[Variant], rows: &[Row]) -> Result<()> {
+    let mut csv = String::from("variant,seed,test_dice,ood_dice,train_seconds\n");
     for r in rows {
         let ood = r.ood_dice.map(|d| format!("{d:.4}")).unwrap_or_default();
         writeln!(
             csv,
             "{},{},{:.4},{ood},{:.1}",
-            r.method, r.seed, r.test_dice, r.seconds
+            r.variant, r.seed, r.test_dice, r.seconds
         )?;
     }
     std::fs::write(plan.study.out.join("results.csv"), csv)?;
+    let ood = plan.study.ood.is_some();
+    let reference = &variants[0].name;
     let mut md = format!(
         "{} ({} train + {} val per seed); Dice is each run's mean over its cases, then mean ± \
-         sample std over seeds\n\n{}",
+         sample std over seeds; Δ is the difference to {reference} on the same seeds (mean ± \
+         std of the per-seed differences)\n\n{}",
         plan.study.data.display(),
         plan.study.n_train,
         plan.study.n_val,
-        table_head("method", plan.study.ood.is_some(), "train time per run"),
+        table_head(
+            "variant",
+            ood,
+            if ood {
+                &["Δ test", "Δ out-of-domain", "train time per run"]
+            } else {
+                &["Δ test", "train time per run"]
+            }
+        ),
     );
-    for method in &plan.methods {
-        let mine: Vec<&Row> = rows.iter().filter(|r| &r.method == method).collect();
+    for variant in variants {
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.variant == variant.name).collect();
         if mine.is_empty() {
             continue;
         }
         let (t, ts) = mean_std(&mine.iter().map(|r| r.test_dice).collect::<Vec<_>>());
         let (sec, _) = mean_std(&mine.iter().map(|r| r.seconds).collect::<Vec<_>>());
         let seeds: Vec<String> = mine.iter().map(|r| r.seed.to_string()).collect();
-        let ood = if plan.study.ood.is_some() {
+        let paired = |value: fn(&Row) -> Option<f64>| -> String {
+            let diffs: Vec<f64> = mine
+                .iter()
+                .filter_map(|r| {
+                    let base = rows
+                        .iter()
+                        .find(|b| &b.variant == reference && b.seed == r.seed)?;
+                    Some(value(r)? - value(base)?)
+                })
+                .collect();
+            if diffs.is_empty() || &variant.name == reference {
+                return "—".into();
+            }
+            let (d, ds) = mean_std(&diffs);
+            format!("{:+.1} ± {:.1} pt", 100.0 * d, 100.0 * ds)
+        };
+        let ood_cells = if ood {
             let (o, os) = mean_std(&mine.iter().filter_map(|r| r.ood_dice).collect::<Vec<_>>());
             format!("{o:.3} ± {os:.3} | ")
         } else {
             String::new()
         };
+        let ood_delta = if ood {
+            format!("{} | ", paired(|r| r.ood_dice))
+        } else {
+            String::new()
+        };
         writeln!(
             md,
-            "| {method} | {} | {t:.3} ± {ts:.3} | {ood}{:.0} s |",
+            "| {} | {} | {t:.3} ± {ts:.3} | {ood_cells}{} | {ood_delta}{:.0} s |",
+            variant.name,
             seeds.join(","),
+            paired(|r| Some(r.test_dice)),
             sec
         )?;
     }
     std::fs::write(plan.study.out.join("results.md"), md)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(methods: &[&str], ablations: &[&str]) -> Plan {
+        Plan {
+            study: Study {
+                data: "d".into(),
+                n_train: 7,
+                n_val: 2,
+                seeds: vec![0],
+                ood: None,
+                out: "o".into(),
+                genseg_bin: None,
+            },
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            sets: Vec::new(),
+            pretrain_sets: Vec::new(),
+            ablations: ablations.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn methods_name_their_recipe_and_ablations_follow_each_method() -> Result<()> {
+        let all = variants(&plan(
+            &["baseline", "strong", "strong-genseg"],
+            &[
+                "no-aug:train.transforms=false",
+                "sgd:train.optimizer=\"sgd\"; train.lr=0.01",
+            ],
+        ))?;
+        let names: Vec<&str> = all.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "baseline",
+                "baseline-no-aug",
+                "baseline-sgd",
+                "strong",
+                "strong-no-aug",
+                "strong-sgd",
+                "strong-genseg",
+                "strong-genseg-no-aug",
+                "strong-genseg-sgd"
+            ]
+        );
+        assert_eq!((all[3].method.as_str(), all[3].strong), ("baseline", true));
+        assert_eq!((all[6].method.as_str(), all[6].strong), ("genseg", true));
+        assert!(all[6].uses_generator() && !all[0].strong);
+        assert_eq!(all[5].sets, ["train.optimizer=\"sgd\"", "train.lr=0.01"]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_malformed_ablation_is_refused_with_its_text() {
+        for bad in ["no-colon", "bad name:a=1", "x:", "x:novalue"] {
+            let err = variants(&plan(&["strong"], &[bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_table_gives_each_variant_its_paired_difference_to_the_first() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut plan = plan(&["strong"], &["no-aug:train.transforms=false"]);
+        plan.study.out = dir.path().to_path_buf();
+        let all = variants(&plan)?;
+        let row = |variant: &str, seed, test_dice| Row {
+            variant: variant.into(),
+            seed,
+            test_dice,
+            ood_dice: None,
+            seconds: 100.0,
+        };
+        let rows = [
+            row("strong", 0, 0.94),
+            row("strong-no-aug", 0, 0.92),
+            row("strong", 1, 0.90),
+            row("strong-no-aug", 1, 0.89),
+        ];
+        write_results(&plan, &all, &rows)?;
+        let md = std::fs::read_to_string(dir.path().join("results.md"))?;
+        assert!(
+            md.contains("| strong | 0,1 | 0.920 ± 0.028 | — | 100 s |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| strong-no-aug | 0,1 | 0.905 ± 0.021 | -1.5 ± 0.7 pt | 100 s |"),
+            "{md}"
+        );
+        assert!(md.contains("|---|---|---|---|---|\n"), "{md}");
+        Ok(())
+    }
 }

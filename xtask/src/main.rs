@@ -30,15 +30,17 @@ enum Recipe {
         #[arg(long, default_value = "demo-out")]
         out: PathBuf,
     },
-    /// Baseline, Separate and GenSeg over several seeds on one dataset: per seed a generator
-    /// pre-training run, then the three methods from the same split; every run's test split
-    /// (and an optional out-of-domain dataset) is scored, and `results.md` / `results.csv`
-    /// in `--out` get mean ± std over the seeds. Re-running continues: finished runs are
-    /// kept, interrupted ones resumed.
+    /// Methods (and ablations of them) over several seeds on one dataset: per seed a
+    /// generator pre-training run when a method needs one, then every method from the same
+    /// split; every run's test split (and an optional out-of-domain dataset) is scored, and
+    /// `results.md` / `results.csv` in `--out` get mean ± std over the seeds and each row's
+    /// paired difference to the first. Re-running continues: finished runs are kept,
+    /// interrupted ones resumed.
     Experiment {
         #[command(flatten)]
         study: experiment::Study,
-        /// Methods, comma-separated (baseline, separate, genseg, or an augmentation baseline).
+        /// Methods, comma-separated: baseline, separate, genseg or an augmentation baseline
+        /// on the plain recipe; `strong` or `strong-<method>` on the strong recipe.
         #[arg(
             long,
             value_delimiter = ',',
@@ -51,6 +53,10 @@ enum Recipe {
         /// `--set` overrides for the generator pre-training runs.
         #[arg(long = "pretrain-set", value_name = "KEY=VALUE")]
         pretrain_sets: Vec<String>,
+        /// A piece taken away: adds, per method, the variant `<method>-NAME` trained with
+        /// these overrides as well (e.g. `no-aug:train.transforms=false`).
+        #[arg(long = "ablate", value_name = "NAME:KEY=VALUE[;KEY=VALUE...]")]
+        ablations: Vec<String>,
     },
     /// One training step of the same networks in genseg and in PyTorch (installed from PyPI
     /// into target/bench-venv; not for CI): runs `genseg bench-step` and
@@ -126,6 +132,7 @@ fn main() -> Result<()> {
             methods,
             sets,
             pretrain_sets,
+            ablations,
         } => experiment::run(
             &root,
             &experiment::Plan {
@@ -133,6 +140,7 @@ fn main() -> Result<()> {
                 methods,
                 sets,
                 pretrain_sets,
+                ablations,
             },
         ),
     }
