@@ -531,6 +531,10 @@ pub struct SeparateSection {
     pub checkpoint: Which,
     /// Post-processing of synthetic images: `auto`, `min_max`, `xray` or `rgb`.
     pub postprocess: PostChoice,
+    /// With `train.transforms`: the synthetic pairs go through the real pairs' chain too
+    /// (normalised, augmented by `[transforms]`, deeply supervised), so they are trained
+    /// exactly as the real ones; otherwise they are only normalised.
+    pub transforms: bool,
 }
 
 impl Default for SeparateSection {
@@ -539,6 +543,7 @@ impl Default for SeparateSection {
             generator: PathBuf::new(),
             checkpoint: Which::Best,
             postprocess: PostChoice::Auto,
+            transforms: false,
         }
     }
 }

@@ -36,6 +36,9 @@ pub enum Purpose {
     /// The on-the-fly transforms of the real training pairs (`train.transforms`), one
     /// stream per image of each iteration.
     Transforms = 12,
+    /// The on-the-fly transforms of Separate's synthetic pairs (`separate.transforms`), one
+    /// stream per image of each iteration.
+    SyntheticTransforms = 13,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.

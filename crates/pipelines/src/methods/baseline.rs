@@ -22,7 +22,10 @@ use genseg_nn::optim::Optimizer;
 use genseg_nn::params::ParamStore;
 use serde_json::{Map, Value, json};
 
-use crate::config::RunConfig;
+use genseg_data::intensity::Normalisation;
+use genseg_data::transforms::TransformConfig;
+
+use crate::config::{Method, RunConfig};
 use crate::learner::{Color, Figure, Pipeline, State, Validation, curve, panel};
 use crate::seeding::{Purpose, batch_indices, rng_for};
 use crate::segmenter::{SEGMENTER_OPTIMIZER, Segmenter, build_model, validation_dice};
@@ -50,23 +53,58 @@ pub struct RealBatches {
 /// Batches the prefetch thread keeps ready.
 const PREFETCH_DEPTH: usize = 2;
 
+/// What the strong recipe does to a batch of pairs before the segmenter sees it: each image
+/// normalised (`data.normalisation`), then the pair augmented by nnU-Net's chain
+/// (`[transforms]`), image `k` of iteration `it` drawing from `(seed, purpose, it·B + k)`.
+#[derive(Clone)]
+pub struct RecipeChain {
+    normalisation: Normalisation,
+    chain: TransformConfig,
+    seed: u64,
+    batch_size: u64,
+}
+
+impl RecipeChain {
+    /// The chain of `cfg`.
+    pub fn new(cfg: &RunConfig) -> Self {
+        Self {
+            normalisation: cfg.data.normalisation,
+            chain: cfg.transforms.clone(),
+            seed: cfg.seed,
+            batch_size: cfg.train.batch_size as u64,
+        }
+    }
+
+    /// Applies the chain in place to `images` (`[B, C, H, W]`) and `masks` (`[B, H, W]`).
+    pub fn apply(
+        &self,
+        images: &mut [f32],
+        masks: &mut [f32],
+        chw: (usize, usize, usize),
+        purpose: Purpose,
+        it: u64,
+    ) {
+        for image in images.chunks_exact_mut(chw.0 * chw.1 * chw.2) {
+            self.normalisation.apply_slice(image, chw.0);
+        }
+        let (seed, batch) = (self.seed, self.batch_size);
+        self.chain.apply_batch(images, masks, chw, |k| {
+            rng_for(seed, purpose, it * batch + k as u64)
+        });
+    }
+}
+
 impl RealBatches {
     /// The batches of `cfg` from iteration `start` on.
     pub fn new(cfg: &RunConfig, train_set: Dataset, start: u64) -> Self {
         let prefetch = cfg.train.transforms.then(|| {
             let data = train_set.clone();
             let (seed, batch) = (cfg.seed, cfg.train.batch_size);
-            let (normalisation, chain) = (cfg.data.normalisation, cfg.transforms.clone());
+            let chain = RecipeChain::new(cfg);
             Prefetcher::new(start, PREFETCH_DEPTH, move |it| {
                 let idx = batch_indices(seed, data.len(), batch, it);
                 let (mut images, mut masks) = data.batch_values(&idx)?;
-                let chw = data.chw();
-                for image in images.chunks_exact_mut(chw.0 * chw.1 * chw.2) {
-                    normalisation.apply_slice(image, chw.0);
-                }
-                chain.apply_batch(&mut images, &mut masks, chw, |k| {
-                    rng_for(seed, Purpose::Transforms, it * batch as u64 + k as u64)
-                });
+                chain.apply(&mut images, &mut masks, data.chw(), Purpose::Transforms, it);
                 Ok::<_, candle_core::Error>((images, masks))
             })
         });
@@ -100,6 +138,23 @@ impl RealBatches {
         let idx = batch_indices(self.seed, self.train_set.len(), self.batch_size, it);
         Ok(self.train_set.batch(&idx, device)?)
     }
+
+    /// `chain` applied to the pairs `(images, masks)` (`[B, C, H, W]`, `[B, 1, H, W]`, the
+    /// training images' size and channels) of iteration `it`, drawing for `purpose`.
+    pub fn through(
+        &self,
+        chain: &RecipeChain,
+        (images, masks): (&Tensor, &Tensor),
+        purpose: Purpose,
+        it: u64,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut values = images.flatten_all()?.to_vec1::<f32>()?;
+        let mut labels = masks.flatten_all()?.to_vec1::<f32>()?;
+        chain.apply(&mut values, &mut labels, self.train_set.chw(), purpose, it);
+        Ok(self
+            .train_set
+            .batch_tensors(values, labels, images.device())?)
+    }
 }
 
 /// The segmenter trained on real pairs, with an optional [`ExtraTerm`].
@@ -112,6 +167,8 @@ pub struct Supervised {
     model: Segmenter,
     opt: Box<dyn Optimizer>,
     extra: Option<Box<dyn ExtraTerm>>,
+    /// The real pairs' chain, for the extra term's pairs too (`separate.transforms`).
+    extra_chain: Option<RecipeChain>,
     iteration: u64,
 }
 
@@ -138,6 +195,9 @@ impl Supervised {
             None => 0,
         };
         let batches = RealBatches::new(&cfg, train_set, iteration);
+        let extra_chain =
+            (cfg.method == Method::Separate && cfg.separate.transforms && cfg.train.transforms)
+                .then(|| RecipeChain::new(&cfg));
         Ok(Self {
             cfg,
             device: device.clone(),
@@ -147,6 +207,7 @@ impl Supervised {
             model,
             opt,
             extra,
+            extra_chain,
             iteration,
         })
     }
@@ -173,7 +234,15 @@ impl Supervised {
                 false => (x, y),
             };
             let (xe, ye) = extra.batch(&x, &y, it)?;
-            let term = loss_fn.forward(&self.model.forward_t(&xe, true)?, &ye)?;
+            let term = match &self.extra_chain {
+                // Trained exactly as the real pairs: normalised, augmented, deeply supervised.
+                Some(chain) => {
+                    let purpose = Purpose::SyntheticTransforms;
+                    let (xe, ye) = self.batches.through(chain, (&xe, &ye), purpose, it)?;
+                    loss_fn.forward_deep(&self.model.forward_deep_normalised(&xe, true)?, &ye)?
+                }
+                None => loss_fn.forward(&self.model.forward_t(&xe, true)?, &ye)?,
+            };
             extra_value = Some(term.to_scalar::<f32>()? as f64);
             total = (total + (term * self.cfg.train.lambda)?)?;
         }
@@ -244,5 +313,33 @@ impl Pipeline for Supervised {
                 ),
             ],
         }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Profile;
+
+    #[test]
+    fn the_recipe_chain_is_seeded_per_purpose_and_iteration() {
+        let mut cfg = RunConfig::profile(Profile::Cpu).with_recipe(crate::config::Recipe::Strong);
+        cfg.train.batch_size = 4;
+        let chain = RecipeChain::new(&cfg);
+        let chw = (1, 16, 16);
+        // Four images, so that two independent draws cannot all come out alike.
+        let image: Vec<f32> = (0..4 * 256).map(|i| (i % 37) as f32 / 37.0).collect();
+        let mask: Vec<f32> = (0..4 * 256).map(|i| ((i % 16) < 8) as u8 as f32).collect();
+        let run = |purpose, it| {
+            let (mut x, mut y) = (image.clone(), mask.clone());
+            chain.apply(&mut x, &mut y, chw, purpose, it);
+            (x, y)
+        };
+        let real = run(Purpose::Transforms, 3);
+        assert_eq!(real, run(Purpose::Transforms, 3));
+        assert_ne!(real.0, run(Purpose::SyntheticTransforms, 3).0);
+        assert_ne!(real.0, run(Purpose::Transforms, 4).0);
+        // Masks stay binary whatever the spatial draws did.
+        assert!(real.1.iter().all(|&v| v == 0.0 || v == 1.0));
     }
 }
