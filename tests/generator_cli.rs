@@ -179,6 +179,10 @@ fn pretrained_generator_learns_and_feeds_separate_and_generate() {
     assert!(line.contains("10 synthetic pair(s)"), "{line}");
     let check = ok(&["data", "check", &s(&folder)]);
     assert!(check.contains("10"), "{check}");
+    assert!(
+        !folder.join(".lock").exists(),
+        "generate released its claim"
+    );
     let nnunet = tmp.path().join("syn-nnunet");
     ok(&[
         "generate",
@@ -413,6 +417,27 @@ fn bad_generator_inputs_are_named_errors() {
         &s(&tmp.path().join("o")),
     ]);
     assert!(err.contains("no-such-run"), "{err}");
+    assert!(
+        !tmp.path().join("o").exists(),
+        "a failed generate left its --out"
+    );
+    // An --out that another process is writing into is refused (the claim names its PID).
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join(".lock"), format!("{}\n", std::process::id())).unwrap();
+    let err = fails(&[
+        "generate",
+        "--generator",
+        &s(&missing),
+        "--masks",
+        &s(&data),
+        "--out",
+        &s(&busy),
+    ]);
+    assert!(
+        err.contains("in use") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
     let err = fails(&[
         "train",
         "--method",

@@ -24,7 +24,7 @@ use genseg_data::writer::masks_to_tensor;
 use crate::config::PostChoice;
 use crate::learner::Observer;
 use crate::methods::separate::{Synthesizer, load_generator};
-use crate::run_dir::Which;
+use crate::run_dir::{RunLock, Which};
 use crate::seeding::{Purpose, rng_for};
 
 /// Where the synthetic pairs go.
@@ -141,12 +141,30 @@ pub fn generate(
 ) -> Result<GenerateOutcome> {
     anyhow::ensure!(opts.n > 0, "--n must be at least 1");
     anyhow::ensure!(opts.batch_size > 0, "--batch-size must be at least 1");
-    if opts.out.exists()
-        && std::fs::read_dir(&opts.out)
-            .with_context(|| format!("reading {}", opts.out.display()))?
-            .next()
-            .is_some()
-    {
+    let created = !opts.out.exists();
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let outcome = generate_into(opts, device, observer);
+    if outcome.is_err() && created {
+        // A failure before anything was written leaves no empty --out behind (only when
+        // empty: pairs already written stay, without generated.json).
+        let _ = std::fs::remove_dir(&opts.out);
+    }
+    outcome
+}
+
+/// [`generate`] into the existing folder `opts.out`, claimed while it writes.
+fn generate_into(
+    opts: &GenerateOptions,
+    device: &Device,
+    observer: &mut dyn Observer,
+) -> Result<GenerateOutcome> {
+    // Claimed before the emptiness check, so two generates into one --out cannot both pass.
+    let _lock = RunLock::acquire(&opts.out)?;
+    let lock_name = std::ffi::OsStr::new(".lock");
+    let mut entries =
+        std::fs::read_dir(&opts.out).with_context(|| format!("reading {}", opts.out.display()))?;
+    if entries.any(|e| e.is_ok_and(|e| e.file_name() != lock_name)) {
         bail!(
             "{} exists and is not empty: choose another --out",
             opts.out.display()
