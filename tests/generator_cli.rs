@@ -680,3 +680,61 @@ fn genseg_tunes_alpha_through_the_generator_and_resumes_exactly() {
     ));
     assert!(err.contains("not a generator pre-training run"), "{err}");
 }
+
+/// DeepLab (V3 and V3+, the CPU-sized ResNet-18 encoder) in every method, then evaluate
+/// and predict from its runs.
+#[test]
+fn deeplab_trains_in_every_method_and_its_runs_evaluate_and_predict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("lungs");
+    lung_phantoms(&data, 16);
+    let gen_run = tmp.path().join("gen");
+    ok(&pretrain_args(&data, &gen_run, 2, &[]));
+    let generator = s(&gen_run);
+    let methods: [(&str, &[&str]); 5] = [
+        ("baseline", &[]),
+        ("combine", &[]),
+        ("separate", &["--generator", &generator]),
+        ("genseg", &["--generator", &generator]),
+        ("baseline", &["--recipe", "strong"]),
+    ];
+    for (i, (method, extra)) in methods.into_iter().enumerate() {
+        let decoder = if i % 2 == 0 { "v3" } else { "v3_plus" };
+        let run = tmp.path().join(format!("{method}-{i}"));
+        let sets = [
+            "data.size=32",
+            "model.kind=\"deeplab\"",
+            "model.deeplab.encoder=\"resnet18\"",
+            "model.deeplab.aspp_channels=8",
+            &format!("model.deeplab.decoder=\"{decoder}\""),
+            "train.val_every=2",
+        ];
+        let mut args = run_args(
+            &["train", "--method", method],
+            &data,
+            (8, 2, 0),
+            &run,
+            &sets,
+            2,
+            extra,
+        );
+        args.extend(["--set".into(), "train.checkpoint_every=2".into()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let line = ok(&refs);
+        assert!(line.contains("test Dice"), "{method}: {line}");
+    }
+    let run = tmp.path().join("baseline-0");
+    let line = ok(&["evaluate", "--run", &s(&run)]);
+    assert!(line.contains("Dice"), "{line}");
+    let out = tmp.path().join("pred");
+    ok(&[
+        "predict",
+        "--run",
+        &s(&run),
+        "--input",
+        &s(&data.join("images")),
+        "--out",
+        &s(&out),
+    ]);
+    assert_eq!(std::fs::read_dir(out.join("masks")).unwrap().count(), 16);
+}

@@ -28,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+pub mod deeplab;
 pub mod evaluate;
 pub mod loss;
 pub mod metrics;

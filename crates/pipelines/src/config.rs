@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Var;
 use genseg_backbones::BackboneConfig;
 use genseg_backbones::SegModel;
+use genseg_backbones::deeplab::DeepLabConfig;
 use genseg_backbones::loss::SegLoss;
 use genseg_backbones::metrics::MetricOptions;
 use genseg_backbones::unet::{Activation, Norm, UNetConfig};
@@ -226,6 +227,9 @@ pub fn parse_mask_rule(s: &str) -> Result<Option<MaskRule>> {
 pub enum ModelKind {
     /// [`genseg_backbones::unet::UNet`], configured by `[model.unet]`.
     Unet,
+    /// [`genseg_backbones::deeplab::DeepLab`] (V3 or V3+ on a ResNet), configured by
+    /// `[model.deeplab]`.
+    Deeplab,
     /// A backbone registered at run time with [`register_backbone`], configured by
     /// `[model.registered]`.
     Registered,
@@ -302,6 +306,10 @@ pub struct ModelSection {
     pub kind: ModelKind,
     /// `[model.unet]`; `in_channels` is set from the data.
     pub unet: UNetConfig,
+    /// `[model.deeplab]`; `in_channels` is set from the data (absent from configs written
+    /// before it existed: defaults).
+    #[serde(default)]
+    pub deeplab: DeepLabConfig,
     /// `[model.registered]` (absent from configs written before it existed: defaults).
     #[serde(default)]
     pub registered: RegisteredBackbone,
@@ -315,6 +323,7 @@ impl ModelSection {
     pub fn backbone(&self) -> &dyn BackboneConfig {
         match self.kind {
             ModelKind::Unet => &self.unet,
+            ModelKind::Deeplab => &self.deeplab,
             ModelKind::Registered => &self.registered,
         }
     }
@@ -323,6 +332,7 @@ impl ModelSection {
     pub fn backbone_mut(&mut self) -> &mut dyn BackboneConfig {
         match self.kind {
             ModelKind::Unet => &mut self.unet,
+            ModelKind::Deeplab => &mut self.deeplab,
             ModelKind::Registered => &mut self.registered,
         }
     }
@@ -694,6 +704,7 @@ impl RunConfig {
             model: ModelSection {
                 kind: ModelKind::Unet,
                 unet: UNetConfig::default(),
+                deeplab: DeepLabConfig::default(),
                 registered: RegisteredBackbone::default(),
                 mirror_tta: false,
             },
