@@ -724,6 +724,39 @@ fn deeplab_trains_in_every_method_and_its_runs_evaluate_and_predict() {
         assert!(line.contains("test Dice"), "{method}: {line}");
     }
     let run = tmp.path().join("baseline-0");
+    let log = std::fs::read_to_string(run.join("train.log")).unwrap();
+    assert!(log.contains("starts from scratch"), "{log}");
+    // A run's weights carry torchvision's names: a second run starts from them.
+    let weights = run.join("best/weights.safetensors");
+    let warm = tmp.path().join("warm");
+    let sets = [
+        "data.size=32",
+        "model.kind=\"deeplab\"",
+        "model.deeplab.encoder=\"resnet18\"",
+        "model.deeplab.aspp_channels=8",
+        &format!("model.pretrained=\"{}\"", s(&weights)),
+    ];
+    let args = run_args(&["train"], &data, (8, 2, 0), &warm, &sets, 1, &[]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&refs);
+    let log = std::fs::read_to_string(warm.join("train.log")).unwrap();
+    assert!(
+        log.contains("tensor(s) loaded, 0 kept as initialised"),
+        "{log}"
+    );
+    // UNet takes no pretrained weights: refused before the run starts.
+    let args = run_args(
+        &["train"],
+        &data,
+        (8, 2, 0),
+        &tmp.path().join("unet"),
+        &sets[4..],
+        1,
+        &[],
+    );
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&refs);
+    assert!(err.contains("model.pretrained"), "{err}");
     let line = ok(&["evaluate", "--run", &s(&run)]);
     assert!(line.contains("Dice"), "{line}");
     let out = tmp.path().join("pred");

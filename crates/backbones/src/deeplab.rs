@@ -182,6 +182,10 @@ impl crate::BackboneConfig for DeepLabConfig {
         );
         self.validate()
     }
+
+    fn pretrained_names(&self) -> Option<crate::pretrained::NameMapping> {
+        Some(crate::pretrained::torchvision_deeplab)
+    }
 }
 
 /// `(c_in, c_out, kernel)` of a convolution.

@@ -32,6 +32,7 @@ pub mod deeplab;
 pub mod evaluate;
 pub mod loss;
 pub mod metrics;
+pub mod pretrained;
 pub mod report;
 pub mod tta;
 pub mod unet;
@@ -69,4 +70,9 @@ pub trait BackboneConfig {
     /// Checks the settings, for square inputs of side `size`; the error names the sizes
     /// the architecture accepts.
     fn check(&self, size: usize) -> anyhow::Result<()>;
+    /// How a pretrained checkpoint's tensor names map to the model's; `None` (the
+    /// default) when the backbone takes no pretrained weights.
+    fn pretrained_names(&self) -> Option<pretrained::NameMapping> {
+        None
+    }
 }

@@ -316,6 +316,11 @@ pub struct ModelSection {
     /// Mirroring test-time augmentation in validation, evaluation and prediction.
     #[serde(default)]
     pub mirror_tta: bool,
+    /// A local safetensors file the segmenter starts from (names mapped by the backbone,
+    /// e.g. torchvision's for DeepLab); empty = from scratch. Read once, when a run starts;
+    /// stored absolute.
+    #[serde(default)]
+    pub pretrained: PathBuf,
 }
 
 impl ModelSection {
@@ -354,6 +359,11 @@ impl ModelSection {
 
     /// Checks the backbone's settings against the image side `size`.
     pub fn validate(&self, size: u32) -> Result<()> {
+        anyhow::ensure!(
+            self.pretrained.as_os_str().is_empty() || self.backbone().pretrained_names().is_some(),
+            "model.pretrained: the {:?} backbone takes no pretrained weights (deeplab does)",
+            self.kind
+        );
         self.backbone().check(size as usize)
     }
 }
@@ -707,6 +717,7 @@ impl RunConfig {
                 deeplab: DeepLabConfig::default(),
                 registered: RegisteredBackbone::default(),
                 mirror_tta: false,
+                pretrained: PathBuf::new(),
             },
             train: TrainSection {
                 iterations: 5000,

@@ -70,6 +70,9 @@ pub fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
     if !cfg.data.split_file.as_os_str().is_empty() {
         cfg.data.split_file = absolute(&cfg.data.split_file, "split file")?;
     }
+    if !cfg.model.pretrained.as_os_str().is_empty() {
+        cfg.model.pretrained = absolute(&cfg.model.pretrained, "pretrained weights")?;
+    }
     if cfg.method == Method::Separate {
         cfg.separate.generator = absolute(&cfg.separate.generator, "generator run")?;
     }

@@ -100,6 +100,25 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(ParamStore, Segm
     Ok((store, segmenter))
 }
 
+/// Fills a fresh segmenter's `store` from `model.pretrained` when set (a run's start only:
+/// resumes load their checkpoint), logging what was loaded, or that it starts from scratch.
+pub fn start_from_pretrained(cfg: &RunConfig, store: &ParamStore) -> Result<()> {
+    let path = &cfg.model.pretrained;
+    if path.as_os_str().is_empty() {
+        tracing::info!("segmenter: starts from scratch (no model.pretrained)");
+        return Ok(());
+    }
+    let mapping = cfg.model.backbone().pretrained_names().with_context(|| {
+        format!(
+            "model.pretrained: the {:?} backbone takes no pretrained weights",
+            cfg.model.kind
+        )
+    })?;
+    let report = genseg_backbones::pretrained::load_pretrained(store, "", path, mapping)?;
+    tracing::info!("segmenter: pretrained weights {}: {report}", path.display());
+    Ok(())
+}
+
 /// Mean per-case Dice of `model` on `data` (eval mode), as `genseg evaluate` scores it.
 pub fn validation_dice(
     model: &dyn SegModel,

@@ -28,7 +28,9 @@ use genseg_data::transforms::TransformConfig;
 use crate::config::{Method, RunConfig};
 use crate::learner::{Color, Figure, Pipeline, State, Validation, curve, panel};
 use crate::seeding::{Purpose, batch_indices, rng_for};
-use crate::segmenter::{SEGMENTER_OPTIMIZER, Segmenter, build_model, validation_dice};
+use crate::segmenter::{
+    SEGMENTER_OPTIMIZER, Segmenter, build_model, start_from_pretrained, validation_dice,
+};
 
 /// A second loss term on a batch derived from the real one.
 pub trait ExtraTerm {
@@ -192,7 +194,10 @@ impl Supervised {
                     .context("resuming from last/")?;
                 c.step
             }
-            None => 0,
+            None => {
+                start_from_pretrained(&cfg, &store)?;
+                0
+            }
         };
         let batches = RealBatches::new(&cfg, train_set, iteration);
         let extra_chain =

@@ -55,7 +55,7 @@ use crate::seeding::batch_indices;
 use crate::seeding::{Purpose, rng_for, seed_for};
 use crate::segmenter::{
     SEGMENTER_OPTIMIZER, Segmenter, TrainOutcome, build_model, finish_training, segmenter_weights,
-    validation_dice,
+    start_from_pretrained, validation_dice,
 };
 
 /// Where the automatic pre-training of a run without `genseg.generator` goes.
@@ -369,6 +369,7 @@ impl EndToEnd {
                         source.join(g.checkpoint.name()).display()
                     )
                 })?;
+                start_from_pretrained(&cfg, &seg_store)?;
                 0
             }
         };
