@@ -1,29 +1,56 @@
-//! Segmentation backbone throughput on this machine's CPU (images/s):
-//! forward (eval mode) and a full training step (forward + backward +
-//! RMSprop step), at the `cpu` profile size and the reference `paper` size.
+//! Segmentation backbone throughput on this machine's CPU (images/s): forward (eval mode)
+//! and a full training step (forward + backward + the profile's optimizer step), per
+//! backbone, at the `cpu` profile size and the reference `paper` size.
 //!
-//! `cargo bench --bench backbones` (all) or `cargo bench --bench backbones -- cpu`.
+//! `cargo bench --bench backbones` (all) or e.g. `cargo bench --bench backbones -- deeplab`.
 
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use genseg_backbones::SegModel;
-use genseg_backbones::unet::UNet;
+use genseg_backbones::deeplab::{Decoder, Encoder};
 use genseg_nn::params::ParamStore;
-use genseg_pipelines::config::{Profile, RunConfig};
+use genseg_pipelines::config::{ModelKind, Profile, RunConfig};
 
-fn bench_unet(c: &mut Criterion) {
-    let device = Device::Cpu;
-    // (label, profile, input channels)
+/// One benchmarked backbone: its group name and its configuration.
+fn backbones() -> Vec<(String, RunConfig)> {
+    let mut all = Vec::new();
     for (label, profile, channels) in [("cpu", Profile::Cpu, 1usize), ("paper", Profile::Paper, 3)]
     {
-        let cfg = RunConfig::profile(profile);
-        let mut unet_cfg = cfg.model.unet.clone();
-        unet_cfg.in_channels = channels;
+        let mut cfg = RunConfig::profile(profile);
+        cfg.model.fit_to_data(channels);
+        all.push((
+            format!("unet-{label}-w{}", cfg.model.unet.base_width),
+            cfg.clone(),
+        ));
+        let deeplabs = match profile {
+            // CPU-sized encoders at the cpu profile; the reference's ResNet-50 at paper size.
+            Profile::Cpu => vec![
+                (Encoder::Resnet18, Decoder::V3, 8),
+                (Encoder::Resnet18, Decoder::V3Plus, 16),
+            ],
+            Profile::Paper => vec![(Encoder::Resnet50, Decoder::V3, 8)],
+        };
+        for (encoder, decoder, stride) in deeplabs {
+            let mut cfg = cfg.clone();
+            cfg.model.kind = ModelKind::Deeplab;
+            let d = &mut cfg.model.deeplab;
+            (d.encoder, d.decoder, d.output_stride) = (encoder, decoder, stride);
+            cfg.model.fit_to_data(channels);
+            let name = format!("deeplab{decoder:?}-{encoder:?}-os{stride}-{label}").to_lowercase();
+            all.push((name, cfg));
+        }
+    }
+    all
+}
+
+fn bench_backbones(c: &mut Criterion) {
+    let device = Device::Cpu;
+    for (name, cfg) in backbones() {
+        let channels = cfg.model.in_channels();
         let (batch, size) = (cfg.train.batch_size, cfg.data.size as usize);
         let store = ParamStore::new(0, DType::F32, &device);
-        let model = UNet::new(&unet_cfg, store.var_builder()).expect("valid config");
+        let model = cfg.model.build(store.var_builder()).expect("valid config");
         let x = Tensor::rand(0f32, 1.0, (batch, channels, size, size), &device).expect("input");
         let y = Tensor::rand(0f32, 1.0, (batch, 1, size, size), &device)
             .and_then(|t| t.ge(0.5))
@@ -35,17 +62,10 @@ fn bench_unet(c: &mut Criterion) {
             .expect("optimizer");
         let loss = cfg.train.loss.clone();
 
-        let mut group = c.benchmark_group(format!(
-            "unet-{label}-b{}-w{}-{size}px",
-            batch, unet_cfg.base_width
-        ));
+        let mut group = c.benchmark_group(format!("{name}-b{batch}-{size}px"));
         group.throughput(Throughput::Elements(batch as u64));
         group.sample_size(10);
-        group.measurement_time(Duration::from_secs(if profile == Profile::Paper {
-            60
-        } else {
-            10
-        }));
+        group.measurement_time(Duration::from_secs(if size > 64 { 60 } else { 10 }));
         group.bench_function("forward", |b| {
             b.iter(|| model.forward_t(&x, false).expect("forward"))
         });
@@ -61,5 +81,5 @@ fn bench_unet(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_unet);
+criterion_group!(benches, bench_backbones);
 criterion_main!(benches);
