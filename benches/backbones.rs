@@ -1,6 +1,7 @@
 //! Segmentation backbone throughput on this machine's CPU (images/s): forward (eval mode)
 //! and a full training step (forward + backward + the profile's optimizer step), per
-//! backbone, at the `cpu` profile size and the reference `paper` size.
+//! backbone, at the `cpu` profile size and the reference `paper` size (224 px for
+//! SwinUnet).
 //!
 //! `cargo bench --bench backbones` (all) or e.g. `cargo bench --bench backbones -- deeplab`.
 
@@ -40,6 +41,16 @@ fn backbones() -> Vec<(String, RunConfig)> {
             let name = format!("deeplab{decoder:?}-{encoder:?}-os{stride}-{label}").to_lowercase();
             all.push((name, cfg));
         }
+        // SwinUnet: the reference at its 224 px; at the cpu profile's 64 px, 4x4 windows.
+        let mut swin = cfg.clone();
+        swin.model.kind = ModelKind::SwinUnet;
+        match profile {
+            Profile::Paper => swin.data.size = 224,
+            Profile::Cpu => swin.model.swin_unet.window_size = 4,
+        }
+        swin.model.swin_unet.image_size = swin.data.size as usize;
+        swin.model.fit_to_data(channels);
+        all.push((format!("swin_unet-{label}"), swin));
     }
     all
 }

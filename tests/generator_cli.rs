@@ -681,10 +681,10 @@ fn genseg_tunes_alpha_through_the_generator_and_resumes_exactly() {
     assert!(err.contains("not a generator pre-training run"), "{err}");
 }
 
-/// DeepLab (V3 and V3+, the CPU-sized ResNet-18 encoder) in every method, then evaluate
-/// and predict from its runs.
+/// DeepLab (V3 and V3+, the CPU-sized ResNet-18 encoder) in every method and SwinUnet in
+/// the baseline and GenSeg, then evaluate and predict from a run, and pretrained weights.
 #[test]
-fn deeplab_trains_in_every_method_and_its_runs_evaluate_and_predict() {
+fn new_backbones_train_in_every_method_and_their_runs_evaluate_and_predict() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("lungs");
     lung_phantoms(&data, 16);
@@ -722,6 +722,35 @@ fn deeplab_trains_in_every_method_and_its_runs_evaluate_and_predict() {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let line = ok(&refs);
         assert!(line.contains("test Dice"), "{method}: {line}");
+    }
+    // SwinUnet, a few channels wide with 4x4 windows at 32 px, in the end-to-end method.
+    for (method, extra) in [
+        ("baseline", &[][..]),
+        ("genseg", &["--generator", &generator][..]),
+    ] {
+        let run = tmp.path().join(format!("swin-{method}"));
+        let sets = [
+            "data.size=32",
+            "model.kind=\"swin_unet\"",
+            "model.swin_unet.image_size=32",
+            "model.swin_unet.embed_dim=8",
+            "model.swin_unet.depths=[2, 2, 2]",
+            "model.swin_unet.num_heads=[1, 2, 4]",
+            "model.swin_unet.window_size=4",
+            "train.val_every=2",
+        ];
+        let args = run_args(
+            &["train", "--method", method],
+            &data,
+            (8, 2, 0),
+            &run,
+            &sets,
+            2,
+            extra,
+        );
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let line = ok(&refs);
+        assert!(line.contains("test Dice"), "swin {method}: {line}");
     }
     let run = tmp.path().join("baseline-0");
     let log = std::fs::read_to_string(run.join("train.log")).unwrap();

@@ -35,7 +35,7 @@ use genseg_nn::batch_norm::{BatchNorm2d, BatchNormConfig};
 use genseg_nn::conv::Conv2d;
 use genseg_nn::init::{InitScheme, conv2d};
 use genseg_nn::ops::{max_pool2d, resize_bilinear};
-use genseg_nn::rng::{SeededRng, dropout};
+use genseg_nn::rng::{SeededRng, dropout, seeded_by};
 use serde::{Deserialize, Serialize};
 
 use crate::SegModel;
@@ -533,15 +533,6 @@ impl DeepLab {
     }
 }
 
-/// A dropout stream that is a pure function of the input batch (FNV-1a of its values).
-fn dropout_rng(images: &Tensor) -> Result<SeededRng> {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in images.flatten_all()?.to_vec1::<f32>()? {
-        hash = (hash ^ u64::from(v.to_bits())).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    Ok(SeededRng::new(hash))
-}
-
 impl SegModel for DeepLab {
     fn forward_t(&self, images: &Tensor, train: bool) -> Result<Tensor> {
         let (_, c, h, w) = images.dims4()?;
@@ -561,7 +552,7 @@ impl SegModel for DeepLab {
         } else {
             images.clone()
         };
-        let mut rng = dropout_rng(images)?;
+        let mut rng = seeded_by(images)?;
         let (low_level, features) = self.backbone.forward_t(&x, train)?;
         let x = self.aspp.forward_t(&features, train, &mut rng)?;
         let logits = match &self.head {

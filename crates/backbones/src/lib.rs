@@ -34,6 +34,7 @@ pub mod loss;
 pub mod metrics;
 pub mod pretrained;
 pub mod report;
+pub mod swin_unet;
 pub mod tta;
 pub mod unet;
 

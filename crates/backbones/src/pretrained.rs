@@ -18,21 +18,22 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use genseg_nn::params::ParamStore;
 
-/// Maps a checkpoint's tensor name to the model's (`None`: not used by the model).
-pub type NameMapping = fn(&str) -> Option<String>;
+/// Maps a checkpoint's tensor name to the model's parameters it initialises (none: not
+/// used by the model; several: one tensor seeds more than one parameter).
+pub type NameMapping = fn(&str) -> Vec<String>;
 
 /// torchvision's DeepLabV3 and ResNet names → [`crate::deeplab::DeepLab`]'s.
-pub fn torchvision_deeplab(name: &str) -> Option<String> {
-    if name.ends_with("num_batches_tracked") || name.starts_with("aux_classifier.") {
-        return None;
+pub fn torchvision_deeplab(name: &str) -> Vec<String> {
+    if name.ends_with("num_batches_tracked")
+        || name.starts_with("aux_classifier.")
+        || name.starts_with("fc.")
+    {
+        return Vec::new();
     }
     if name.starts_with("backbone.") || name.starts_with("classifier.") {
-        return Some(name.to_string());
+        return vec![name.to_string()];
     }
-    if name.starts_with("fc.") {
-        return None;
-    }
-    Some(format!("backbone.{name}"))
+    vec![format!("backbone.{name}")]
 }
 
 /// What [`load_pretrained`] did.
@@ -105,23 +106,34 @@ pub fn load_pretrained(
     names.sort();
     for name in names {
         let tensor = &file[name];
-        let Some(ours) = mapping(name) else {
+        let targets = mapping(name);
+        if targets.is_empty() {
             report
                 .skipped
                 .push(format!("{name} (not part of the model)"));
             continue;
-        };
-        let ours = full(&ours);
-        match store.get(&ours) {
-            Some(var) if var.shape() == tensor.shape() => {
-                selected.insert(ours, tensor.clone());
+        }
+        // Used when it fits one of its targets; otherwise the first reason is reported.
+        let mut reason = None;
+        for ours in targets.iter().map(|t| full(t)) {
+            match store.get(&ours) {
+                Some(var) if var.shape() == tensor.shape() => {
+                    selected.insert(ours, tensor.clone());
+                }
+                Some(var) => {
+                    reason.get_or_insert(format!(
+                        "{name} (shape {:?}, the model's {:?})",
+                        tensor.dims(),
+                        var.dims()
+                    ));
+                }
+                None => {
+                    reason.get_or_insert(format!("{name} (no such parameter)"));
+                }
             }
-            Some(var) => report.skipped.push(format!(
-                "{name} (shape {:?}, the model's {:?})",
-                tensor.dims(),
-                var.dims()
-            )),
-            None => report.skipped.push(format!("{name} (no such parameter)")),
+        }
+        if !targets.iter().any(|t| selected.contains_key(&full(t))) {
+            report.skipped.extend(reason);
         }
     }
     anyhow::ensure!(
@@ -206,7 +218,7 @@ mod tests {
         );
         let loaded = store.named_tensors()?;
         for (name, tensor) in &file {
-            if let Some(ours) = torchvision_deeplab(name) {
+            for ours in torchvision_deeplab(name) {
                 let diff = (&loaded[&format!("seg.{ours}")] - tensor)?
                     .abs()?
                     .max_all()?

@@ -201,9 +201,64 @@ pub fn dropout(x: &Tensor, p: f32, rng: &mut SeededRng) -> Result<Tensor> {
     x.mul(&mask)
 }
 
+/// Stochastic depth (`timm`'s `DropPath`): zeroes whole samples (dimension 0) with
+/// probability `p` and scales the kept ones by `1 / (1 - p)`; `p = 0` returns `x`.
+pub fn drop_path(x: &Tensor, p: f32, rng: &mut SeededRng) -> Result<Tensor> {
+    if !p.is_finite() || !(0.0..1.0).contains(&p) {
+        candle_core::bail!("drop_path: probability must be in [0, 1), got {p}");
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let p = f64::from(p);
+    let scale = 1.0 / (1.0 - p);
+    let batch = x.dim(0)?;
+    let keep: Vec<f32> = (0..batch)
+        .map(|_| {
+            if rng.random::<f64>() < p {
+                0.0
+            } else {
+                scale as f32
+            }
+        })
+        .collect();
+    let mut shape = vec![1; x.rank()];
+    shape[0] = batch;
+    let keep = Tensor::from_vec(keep, shape, &Device::Cpu)?
+        .to_dtype(x.dtype())?
+        .to_device(x.device())?;
+    x.broadcast_mul(&keep)
+}
+
+/// A generator that is a pure function of the values of `x` (FNV-1a of their bits): the
+/// masks of a train-mode forward pass then depend on its input batch only, which keeps a
+/// run reproducible (and its resume exact) without an RNG in the model's signature.
+pub fn seeded_by(x: &Tensor) -> Result<SeededRng> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
+        hash = (hash ^ u64::from(v.to_bits())).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Ok(SeededRng::new(hash))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drop_path_drops_whole_samples_and_seeded_by_follows_the_values() -> Result<()> {
+        let x = Tensor::ones((64, 3, 2), DType::F32, &Device::Cpu)?;
+        let y = drop_path(&x, 0.5, &mut SeededRng::new(1))?;
+        let per_sample: Vec<Vec<f32>> = y.flatten_from(1)?.to_vec2()?;
+        assert!(per_sample.iter().all(|s| s.iter().all(|&v| v == s[0])));
+        assert!(per_sample.iter().all(|s| s[0] == 0.0 || s[0] == 2.0));
+        let dropped = per_sample.iter().filter(|s| s[0] == 0.0).count();
+        assert!((16..=48).contains(&dropped), "{dropped} of 64");
+        let a = seeded_by(&x)?.next_u64();
+        assert_eq!(a, seeded_by(&x.copy()?)?.next_u64());
+        assert_ne!(a, seeded_by(&(x * 2.0)?)?.next_u64());
+        Ok(())
+    }
 
     fn draws(rng: &mut SeededRng, n: usize) -> Vec<u64> {
         (0..n).map(|_| rng.next_u64()).collect()

@@ -15,6 +15,7 @@ use genseg_backbones::SegModel;
 use genseg_backbones::deeplab::DeepLabConfig;
 use genseg_backbones::loss::SegLoss;
 use genseg_backbones::metrics::MetricOptions;
+use genseg_backbones::swin_unet::SwinUnetConfig;
 use genseg_backbones::unet::{Activation, Norm, UNetConfig};
 use genseg_data::dataset::{DataConfig, ImageSize};
 use genseg_data::intensity::Normalisation;
@@ -230,6 +231,8 @@ pub enum ModelKind {
     /// [`genseg_backbones::deeplab::DeepLab`] (V3 or V3+ on a ResNet), configured by
     /// `[model.deeplab]`.
     Deeplab,
+    /// [`genseg_backbones::swin_unet::SwinUnet`], configured by `[model.swin_unet]`.
+    SwinUnet,
     /// A backbone registered at run time with [`register_backbone`], configured by
     /// `[model.registered]`.
     Registered,
@@ -310,6 +313,10 @@ pub struct ModelSection {
     /// before it existed: defaults).
     #[serde(default)]
     pub deeplab: DeepLabConfig,
+    /// `[model.swin_unet]`; `in_channels` is set from the data, `image_size` must equal
+    /// `data.size` (absent from configs written before it existed: defaults).
+    #[serde(default)]
+    pub swin_unet: SwinUnetConfig,
     /// `[model.registered]` (absent from configs written before it existed: defaults).
     #[serde(default)]
     pub registered: RegisteredBackbone,
@@ -329,6 +336,7 @@ impl ModelSection {
         match self.kind {
             ModelKind::Unet => &self.unet,
             ModelKind::Deeplab => &self.deeplab,
+            ModelKind::SwinUnet => &self.swin_unet,
             ModelKind::Registered => &self.registered,
         }
     }
@@ -338,6 +346,7 @@ impl ModelSection {
         match self.kind {
             ModelKind::Unet => &mut self.unet,
             ModelKind::Deeplab => &mut self.deeplab,
+            ModelKind::SwinUnet => &mut self.swin_unet,
             ModelKind::Registered => &mut self.registered,
         }
     }
@@ -361,7 +370,8 @@ impl ModelSection {
     pub fn validate(&self, size: u32) -> Result<()> {
         anyhow::ensure!(
             self.pretrained.as_os_str().is_empty() || self.backbone().pretrained_names().is_some(),
-            "model.pretrained: the {:?} backbone takes no pretrained weights (deeplab does)",
+            "model.pretrained: the {:?} backbone takes no pretrained weights (deeplab and \
+             swin_unet do)",
             self.kind
         );
         self.backbone().check(size as usize)
@@ -715,6 +725,7 @@ impl RunConfig {
                 kind: ModelKind::Unet,
                 unet: UNetConfig::default(),
                 deeplab: DeepLabConfig::default(),
+                swin_unet: SwinUnetConfig::default(),
                 registered: RegisteredBackbone::default(),
                 mirror_tta: false,
                 pretrained: PathBuf::new(),
