@@ -407,15 +407,18 @@ fn bad_generator_inputs_are_named_errors() {
     let data = tmp.path().join("lungs");
     lung_phantoms(&data, 8);
     let missing = tmp.path().join("no-such-run");
-    let err = fails(&[
-        "generate",
-        "--generator",
-        &s(&missing),
-        "--masks",
-        &s(&data),
-        "--out",
-        &s(&tmp.path().join("o")),
-    ]);
+    let generate_from_missing = |out: &Path| {
+        fails(&[
+            "generate",
+            "--generator",
+            &s(&missing),
+            "--masks",
+            &s(&data),
+            "--out",
+            &s(out),
+        ])
+    };
+    let err = generate_from_missing(&tmp.path().join("o"));
     assert!(err.contains("no-such-run"), "{err}");
     assert!(
         !tmp.path().join("o").exists(),
@@ -425,15 +428,7 @@ fn bad_generator_inputs_are_named_errors() {
     let busy = tmp.path().join("busy");
     std::fs::create_dir(&busy).unwrap();
     std::fs::write(busy.join(".lock"), format!("{}\n", std::process::id())).unwrap();
-    let err = fails(&[
-        "generate",
-        "--generator",
-        &s(&missing),
-        "--masks",
-        &s(&data),
-        "--out",
-        &s(&busy),
-    ]);
+    let err = generate_from_missing(&busy);
     assert!(
         err.contains("in use") && err.contains(&std::process::id().to_string()),
         "{err}"
