@@ -22,6 +22,23 @@ use crate::init::InitScheme;
 
 mod fused;
 
+/// Every channel of `x` `[N, C, H, W]` normalised by its own statistics over `(N, H, W)`
+/// (biased variance), then `· gamma + beta` (`[C]` each, both differentiable): training-mode
+/// batch normalisation without running statistics, on the fused CPU kernels (`x` must be
+/// on the CPU in f32 or f64). Instance normalisation runs on it with the planes as
+/// channels.
+pub(crate) fn normalise_by_own_statistics(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let stats = x.apply_op1_no_bwd(&fused::ChannelStats)?;
+    let affine = Tensor::stack(&[gamma.to_dtype(x.dtype())?, beta.to_dtype(x.dtype())?], 0)?;
+    x.apply_op3(&affine, &stats, fused::BatchNormTrain { eps, relu: false })
+}
+
 /// Hyperparameters of [`BatchNorm2d`]; defaults are PyTorch's.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

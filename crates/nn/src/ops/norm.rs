@@ -72,6 +72,35 @@ pub fn instance_norm(
             );
         }
     }
+    if crate::storage::on_cpu_kernels(&[x]) {
+        // The fused batch-norm kernels with every (n, c) plane as its own channel: two
+        // passes over the data instead of the eight ops below (and their backward).
+        let planes = x.reshape((1, n * c, h, w))?;
+        let per_plane = |p: Option<&Tensor>, fill: f64| -> Result<Tensor> {
+            match p {
+                Some(p) => p.to_dtype(x.dtype())?.repeat(n),
+                None => Tensor::full(fill, n * c, x.device())?.to_dtype(x.dtype()),
+            }
+        };
+        let y = crate::batch_norm::normalise_by_own_statistics(
+            &planes,
+            &per_plane(weight, 1.0)?,
+            &per_plane(bias, 0.0)?,
+            eps,
+        )?;
+        return y.reshape((n, c, h, w));
+    }
+    instance_norm_composite(x, weight, bias, eps)
+}
+
+/// [`instance_norm`] from candle's ops (any device and dtype).
+fn instance_norm_composite(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
     let planes = x.reshape((n, c, h * w))?;
     let centered = planes.broadcast_sub(&planes.mean_keepdim(D::Minus1)?)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -246,6 +275,48 @@ mod tests {
             "{var:?}"
         );
         assert!(instance_norm(&x, Some(&b.narrow(0, 0, 2)?), None, 0.0).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_fused_instance_norm_equals_the_composite_one_with_its_gradients() -> anyhow::Result<()> {
+        let x = uniform(11, &[2, 3, 4, 5], 2.0)?.to_dtype(DType::F32)?;
+        let w = uniform(12, &[3], 1.5)?.to_dtype(DType::F32)?;
+        let b = uniform(13, &[3], 1.0)?.to_dtype(DType::F32)?;
+        let vars: Vec<candle_core::Var> = [&x, &w, &b]
+            .iter()
+            .map(|t| candle_core::Var::from_tensor(t))
+            .collect::<candle_core::Result<_>>()?;
+        let run = |f: fn(&Tensor, Option<&Tensor>, Option<&Tensor>, f64) -> Result<Tensor>| {
+            let y = f(
+                vars[0].as_tensor(),
+                Some(vars[1].as_tensor()),
+                Some(vars[2].as_tensor()),
+                1e-5,
+            )?;
+            let grads = weighted_sum(&y.to_dtype(DType::F64)?, 3)?.backward()?;
+            let mut out = vec![y.flatten_all()?.to_vec1::<f32>()?];
+            for v in &vars {
+                out.push(
+                    grads
+                        .get(v.as_tensor())
+                        .expect("gradient")
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
+            }
+            Ok::<_, candle_core::Error>(out)
+        };
+        let fused = run(instance_norm)?;
+        let composite = run(instance_norm_composite)?;
+        for (f, c) in fused.iter().zip(&composite) {
+            let diff = f
+                .iter()
+                .zip(c)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-4, "fused vs composite differ by {diff}");
+        }
         Ok(())
     }
 
