@@ -795,3 +795,65 @@ fn new_backbones_train_in_every_method_and_their_runs_evaluate_and_predict() {
     ]);
     assert_eq!(std::fs::read_dir(out.join("masks")).unwrap().count(), 16);
 }
+
+/// The frozen DINOv2 encoder (a one-block, 24-wide one with random weights, written as the
+/// released checkpoints are named): trains its decoder in the baseline and Separate,
+/// evaluates, and is refused by GenSeg with the reason.
+#[test]
+fn the_frozen_foundation_encoder_trains_its_decoder_and_genseg_refuses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("lungs");
+    lung_phantoms(&data, 16);
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+    candle_transformers::models::dinov2::DinoVisionTransformer::new(vb, 1, 24, 2).unwrap();
+    let weights = tmp.path().join("dino.safetensors");
+    varmap.save(&weights).unwrap();
+    let gen_run = tmp.path().join("gen");
+    ok(&pretrain_args(&data, &gen_run, 2, &[]));
+    let generator = s(&gen_run);
+    let weights_set = format!("model.foundation.weights=\"{}\"", s(&weights));
+    let sets = [
+        "data.size=32",
+        "model.kind=\"foundation\"",
+        &weights_set,
+        "model.foundation.num_heads=2",
+        "model.foundation.input_size=28",
+        "model.foundation.decoder_width=8",
+        "train.val_every=2",
+    ];
+    for (method, extra) in [
+        ("baseline", &[][..]),
+        ("separate", &["--generator", &generator][..]),
+    ] {
+        let run = tmp.path().join(method);
+        let args = run_args(
+            &["train", "--method", method],
+            &data,
+            (6, 2, 0),
+            &run,
+            &sets,
+            2,
+            extra,
+        );
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert!(ok(&refs).contains("test Dice"), "{method}");
+    }
+    ok(&["evaluate", "--run", &s(&tmp.path().join("baseline"))]);
+    let run = tmp.path().join("genseg");
+    let args = run_args(
+        &["train", "--method", "genseg"],
+        &data,
+        (6, 2, 0),
+        &run,
+        &sets,
+        2,
+        &["--generator", &generator],
+    );
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&refs);
+    assert!(
+        err.contains("genseg") && err.contains("Foundation"),
+        "{err}"
+    );
+}

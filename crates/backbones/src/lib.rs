@@ -30,6 +30,7 @@
 
 pub mod deeplab;
 pub mod evaluate;
+pub mod foundation;
 pub mod loss;
 pub mod metrics;
 pub mod pretrained;
@@ -75,5 +76,10 @@ pub trait BackboneConfig {
     /// default) when the backbone takes no pretrained weights.
     fn pretrained_names(&self) -> Option<pretrained::NameMapping> {
         None
+    }
+    /// Whether gradients reach the input images (GenSeg's architecture gradient flows
+    /// through the segmenter into its synthetic images). True unless a backbone says not.
+    fn passes_input_gradients(&self) -> bool {
+        true
     }
 }

@@ -234,11 +234,17 @@ pub fn drop_path(x: &Tensor, p: f32, rng: &mut SeededRng) -> Result<Tensor> {
 /// masks of a train-mode forward pass then depend on its input batch only, which keeps a
 /// run reproducible (and its resume exact) without an RNG in the model's signature.
 pub fn seeded_by(x: &Tensor) -> Result<SeededRng> {
+    Ok(SeededRng::new(content_hash(x)?))
+}
+
+/// FNV-1a of the bits of `x`'s values (as f32), in row-major order: equal for equal
+/// values, whatever the tensor's layout.
+pub fn content_hash(x: &Tensor) -> Result<u64> {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for v in x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
         hash = (hash ^ u64::from(v.to_bits())).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    Ok(SeededRng::new(hash))
+    Ok(hash)
 }
 
 #[cfg(test)]

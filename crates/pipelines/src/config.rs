@@ -13,6 +13,7 @@ use candle_core::Var;
 use genseg_backbones::BackboneConfig;
 use genseg_backbones::SegModel;
 use genseg_backbones::deeplab::DeepLabConfig;
+use genseg_backbones::foundation::FoundationConfig;
 use genseg_backbones::loss::SegLoss;
 use genseg_backbones::metrics::MetricOptions;
 use genseg_backbones::swin_unet::SwinUnetConfig;
@@ -233,6 +234,9 @@ pub enum ModelKind {
     Deeplab,
     /// [`genseg_backbones::swin_unet::SwinUnet`], configured by `[model.swin_unet]`.
     SwinUnet,
+    /// [`genseg_backbones::foundation::FrozenDino`] (a frozen DINOv2 encoder under a
+    /// trainable decoder), configured by `[model.foundation]`.
+    Foundation,
     /// A backbone registered at run time with [`register_backbone`], configured by
     /// `[model.registered]`.
     Registered,
@@ -317,6 +321,10 @@ pub struct ModelSection {
     /// `data.size` (absent from configs written before it existed: defaults).
     #[serde(default)]
     pub swin_unet: SwinUnetConfig,
+    /// `[model.foundation]`; `in_channels` is set from the data, `weights` stored absolute
+    /// (absent from configs written before it existed: defaults).
+    #[serde(default)]
+    pub foundation: FoundationConfig,
     /// `[model.registered]` (absent from configs written before it existed: defaults).
     #[serde(default)]
     pub registered: RegisteredBackbone,
@@ -337,6 +345,7 @@ impl ModelSection {
             ModelKind::Unet => &self.unet,
             ModelKind::Deeplab => &self.deeplab,
             ModelKind::SwinUnet => &self.swin_unet,
+            ModelKind::Foundation => &self.foundation,
             ModelKind::Registered => &self.registered,
         }
     }
@@ -347,6 +356,7 @@ impl ModelSection {
             ModelKind::Unet => &mut self.unet,
             ModelKind::Deeplab => &mut self.deeplab,
             ModelKind::SwinUnet => &mut self.swin_unet,
+            ModelKind::Foundation => &mut self.foundation,
             ModelKind::Registered => &mut self.registered,
         }
     }
@@ -726,6 +736,7 @@ impl RunConfig {
                 unet: UNetConfig::default(),
                 deeplab: DeepLabConfig::default(),
                 swin_unet: SwinUnetConfig::default(),
+                foundation: FoundationConfig::default(),
                 registered: RegisteredBackbone::default(),
                 mirror_tta: false,
                 pretrained: PathBuf::new(),
@@ -922,6 +933,13 @@ impl RunConfig {
             );
         }
         if self.method == Method::Genseg {
+            anyhow::ensure!(
+                self.model.backbone().passes_input_gradients(),
+                "--method genseg tunes α by gradients through the segmenter into its synthetic \
+                 images, and the {:?} backbone passes none to its input (its frozen encoder is \
+                 inference-only): use it with baseline, an augmentation baseline or separate",
+                self.model.kind
+            );
             let g = &self.genseg;
             for (key, v) in [
                 ("genseg.generator_lr", g.generator_lr),

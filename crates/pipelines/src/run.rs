@@ -9,7 +9,7 @@ use genseg_data::dataset::Dataset;
 use genseg_data::split::{Split, write_split_file};
 use genseg_nn::checkpoint::Checkpoint;
 
-use crate::config::{Method, RunConfig};
+use crate::config::{Method, ModelKind, RunConfig};
 use crate::learner::Cadence;
 use crate::run_dir::{RunDir, RunLock, Which};
 
@@ -69,6 +69,10 @@ pub fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
     cfg.data.path = absolute(&cfg.data.path, "dataset folder")?;
     if !cfg.data.split_file.as_os_str().is_empty() {
         cfg.data.split_file = absolute(&cfg.data.split_file, "split file")?;
+    }
+    if cfg.model.kind == ModelKind::Foundation {
+        cfg.model.foundation.weights =
+            absolute(&cfg.model.foundation.weights, "model.foundation.weights")?;
     }
     if !cfg.model.pretrained.as_os_str().is_empty() {
         cfg.model.pretrained = absolute(&cfg.model.pretrained, "pretrained weights")?;
