@@ -822,7 +822,12 @@ mod tests {
     #[test]
     fn output_size_equals_input_size_and_every_parameter_gets_a_gradient() -> anyhow::Result<()> {
         for channels in [1, 3] {
-            let cfg = tiny(channels);
+            // Without stochastic depth: with it, a batch may drop a whole block (and its
+            // parameters' gradients) by chance.
+            let cfg = SwinUnetConfig {
+                drop_path: 0.0,
+                ..tiny(channels)
+            };
             let store = ParamStore::new(3, candle_core::DType::F32, &Device::Cpu);
             let model = SwinUnet::new(&cfg, store.var_builder())?;
             assert_eq!(count(&store), reference_count(&cfg, 3));
@@ -841,6 +846,17 @@ mod tests {
             }
             assert_eq!(model.forward_t(&x, false)?.dims(), &[2, 1, 32, 32]);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn stochastic_depth_is_a_function_of_the_batch() -> anyhow::Result<()> {
+        let store = ParamStore::new(4, candle_core::DType::F32, &Device::Cpu);
+        let model = SwinUnet::new(&tiny(3), store.var_builder())?;
+        let x = Tensor::rand(0f32, 1.0, (4, 3, 32, 32), &Device::Cpu)?;
+        let values = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let a = values(model.forward_t(&x, true)?)?;
+        assert_eq!(a, values(model.forward_t(&x, true)?)?);
         Ok(())
     }
 
