@@ -703,19 +703,9 @@ fn new_backbones_train_in_every_method_and_their_runs_evaluate_and_predict() {
             "model.deeplab.aspp_channels=8",
             &format!("model.deeplab.decoder=\"{decoder}\""),
             "train.val_every=2",
+            "train.checkpoint_every=2",
         ];
-        let mut args = run_args(
-            &["train", "--method", method],
-            &data,
-            (8, 2, 0),
-            &run,
-            &sets,
-            2,
-            extra,
-        );
-        args.extend(["--set".into(), "train.checkpoint_every=2".into()]);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let line = ok(&refs);
+        let line = train_two_steps(method, &data, (8, 2), &run, &sets, extra);
         assert!(line.contains("test Dice"), "{method}: {line}");
     }
     // SwinUnet, a few channels wide with 4x4 windows at 32 px, in the end-to-end method.
@@ -734,17 +724,7 @@ fn new_backbones_train_in_every_method_and_their_runs_evaluate_and_predict() {
             "model.swin_unet.window_size=4",
             "train.val_every=2",
         ];
-        let args = run_args(
-            &["train", "--method", method],
-            &data,
-            (8, 2, 0),
-            &run,
-            &sets,
-            2,
-            extra,
-        );
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let line = ok(&refs);
+        let line = train_two_steps(method, &data, (8, 2), &run, &sets, extra);
         assert!(line.contains("test Dice"), "swin {method}: {line}");
     }
     let run = tmp.path().join("baseline-0");
@@ -827,17 +807,8 @@ fn the_frozen_foundation_encoder_trains_its_decoder_and_genseg_refuses_it() {
         ("separate", &["--generator", &generator][..]),
     ] {
         let run = tmp.path().join(method);
-        let args = run_args(
-            &["train", "--method", method],
-            &data,
-            (6, 2, 0),
-            &run,
-            &sets,
-            2,
-            extra,
-        );
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        assert!(ok(&refs).contains("test Dice"), "{method}");
+        let line = train_two_steps(method, &data, (6, 2), &run, &sets, extra);
+        assert!(line.contains("test Dice"), "{method}: {line}");
     }
     ok(&["evaluate", "--run", &s(&tmp.path().join("baseline"))]);
     let run = tmp.path().join("genseg");
@@ -856,4 +827,26 @@ fn the_frozen_foundation_encoder_trains_its_decoder_and_genseg_refuses_it() {
         err.contains("genseg") && err.contains("Foundation"),
         "{err}"
     );
+}
+
+/// Trains `method` for two iterations with `sets` (and `extra` arguments); its summary line.
+fn train_two_steps(
+    method: &str,
+    data: &Path,
+    (n_train, n_val): (usize, usize),
+    run: &Path,
+    sets: &[&str],
+    extra: &[&str],
+) -> String {
+    let args = run_args(
+        &["train", "--method", method],
+        data,
+        (n_train, n_val, 0),
+        run,
+        sets,
+        2,
+        extra,
+    );
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&refs)
 }

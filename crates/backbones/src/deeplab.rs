@@ -161,19 +161,7 @@ impl DeepLabConfig {
     }
 }
 
-impl crate::BackboneConfig for DeepLabConfig {
-    fn build(&self, vb: VarBuilder) -> anyhow::Result<Box<dyn SegModel>> {
-        Ok(Box::new(DeepLab::new(self, vb)?))
-    }
-
-    fn in_channels(&self) -> usize {
-        self.in_channels
-    }
-
-    fn set_in_channels(&mut self, channels: usize) {
-        self.in_channels = channels;
-    }
-
+backbone_config!(DeepLabConfig => DeepLab {
     fn check(&self, size: usize) -> anyhow::Result<()> {
         anyhow::ensure!(
             size >= MIN_INPUT_SIZE,
@@ -186,7 +174,7 @@ impl crate::BackboneConfig for DeepLabConfig {
     fn pretrained_names(&self) -> Option<crate::pretrained::NameMapping> {
         Some(crate::pretrained::torchvision_deeplab)
     }
-}
+});
 
 /// `(c_in, c_out, kernel)` of a convolution.
 type ConvShape = (usize, usize, usize);

@@ -105,19 +105,7 @@ impl FoundationConfig {
     }
 }
 
-impl crate::BackboneConfig for FoundationConfig {
-    fn build(&self, vb: VarBuilder) -> anyhow::Result<Box<dyn SegModel>> {
-        Ok(Box::new(FrozenDino::new(self, vb)?))
-    }
-
-    fn in_channels(&self) -> usize {
-        self.in_channels
-    }
-
-    fn set_in_channels(&mut self, channels: usize) {
-        self.in_channels = channels;
-    }
-
+backbone_config!(FoundationConfig => FrozenDino {
     fn check(&self, size: usize) -> anyhow::Result<()> {
         anyhow::ensure!(
             size >= 16,
@@ -129,7 +117,7 @@ impl crate::BackboneConfig for FoundationConfig {
     fn passes_input_gradients(&self) -> bool {
         false
     }
-}
+});
 
 /// The encoder, loaded from `path`: `(model, width, depth)`.
 fn load_dino(

@@ -28,6 +28,32 @@
 
 #![warn(missing_docs)]
 
+/// Implements [`BackboneConfig`] for `$config` (a struct with an `in_channels` field) whose
+/// model is built by `$model::new(&config, vb)`; the remaining items (at least `check`) are
+/// given in the braces.
+macro_rules! backbone_config {
+    ($config:ty => $model:ident { $($items:tt)* }) => {
+        impl $crate::BackboneConfig for $config {
+            fn build(
+                &self,
+                vb: candle_nn::VarBuilder,
+            ) -> anyhow::Result<Box<dyn $crate::SegModel>> {
+                Ok(Box::new($model::new(self, vb)?))
+            }
+
+            fn in_channels(&self) -> usize {
+                self.in_channels
+            }
+
+            fn set_in_channels(&mut self, channels: usize) {
+                self.in_channels = channels;
+            }
+
+            $($items)*
+        }
+    };
+}
+
 pub mod deeplab;
 pub mod evaluate;
 pub mod foundation;

@@ -199,19 +199,7 @@ impl SwinUnetConfig {
     }
 }
 
-impl crate::BackboneConfig for SwinUnetConfig {
-    fn build(&self, vb: VarBuilder) -> anyhow::Result<Box<dyn SegModel>> {
-        Ok(Box::new(SwinUnet::new(self, vb)?))
-    }
-
-    fn in_channels(&self) -> usize {
-        self.in_channels
-    }
-
-    fn set_in_channels(&mut self, channels: usize) {
-        self.in_channels = channels;
-    }
-
+backbone_config!(SwinUnetConfig => SwinUnet {
     fn check(&self, size: usize) -> anyhow::Result<()> {
         anyhow::ensure!(
             size == self.image_size,
@@ -227,7 +215,7 @@ impl crate::BackboneConfig for SwinUnetConfig {
     fn pretrained_names(&self) -> Option<crate::pretrained::NameMapping> {
         Some(swin_checkpoint)
     }
-}
+});
 
 /// A Swin-T ImageNet checkpoint's names (Microsoft's or timm's `layers.{i}...`,
 /// `patch_embed.*`, `norm.*`) or Swin-Unet's own (`swin_unet.` prefix dropped), mapped to

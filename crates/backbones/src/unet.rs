@@ -408,19 +408,7 @@ pub struct UNet {
     heads: Vec<Conv2d>,
 }
 
-impl crate::BackboneConfig for UNetConfig {
-    fn build(&self, vb: VarBuilder) -> anyhow::Result<Box<dyn SegModel>> {
-        Ok(Box::new(UNet::new(self, vb)?))
-    }
-
-    fn in_channels(&self) -> usize {
-        self.in_channels
-    }
-
-    fn set_in_channels(&mut self, channels: usize) {
-        self.in_channels = channels;
-    }
-
+backbone_config!(UNetConfig => UNet {
     fn check(&self, size: usize) -> anyhow::Result<()> {
         anyhow::ensure!(
             size >= self.min_input_size(),
@@ -430,7 +418,7 @@ impl crate::BackboneConfig for UNetConfig {
         );
         self.validate()
     }
-}
+});
 
 impl UNet {
     /// Builds the network; parameters are created (or fetched) through `vb`
