@@ -822,16 +822,10 @@ mod tests {
             let x = Tensor::rand(0f32, 1.0, (2, channels, 32, 32), &Device::Cpu)?;
             let y = model.forward_t(&x, true)?;
             assert_eq!(y.dims(), &[2, 1, 32, 32]);
-            let grads = y.sqr()?.mean_all()?.backward()?;
-            for (name, var) in store.trainable_vars() {
-                let g = grads
-                    .get(var.as_tensor())
-                    .unwrap_or_else(|| panic!("{name} is not on the graph"));
-                assert!(
-                    g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0,
-                    "{name} got a zero gradient"
-                );
-            }
+            genseg_nn::gradcheck::assert_all_params_receive_gradient(
+                &y.sqr()?.mean_all()?,
+                &store.trainable_vars(),
+            )?;
             assert_eq!(model.forward_t(&x, false)?.dims(), &[2, 1, 32, 32]);
         }
         Ok(())
