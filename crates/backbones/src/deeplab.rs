@@ -415,7 +415,9 @@ impl Aspp {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool, rng: &mut SeededRng) -> Result<Tensor> {
+    /// `rng` is the dropout stream of a train-mode pass; `None` is evaluation.
+    fn forward_t(&self, x: &Tensor, rng: Option<&mut SeededRng>) -> Result<Tensor> {
+        let train = rng.is_some();
         let mut outs = self
             .branches
             .iter()
@@ -426,10 +428,9 @@ impl Aspp {
         let pooled = self.pooling.forward_t(&pooled, train)?;
         outs.push(pooled.broadcast_as(outs[0].shape())?.contiguous()?);
         let y = self.project.forward_t(&Tensor::cat(&outs, 1)?, train)?;
-        if train {
-            dropout(&y, self.dropout, rng)
-        } else {
-            Ok(y)
+        match rng {
+            Some(rng) => dropout(&y, self.dropout, rng),
+            None => Ok(y),
         }
     }
 }
@@ -540,9 +541,14 @@ impl SegModel for DeepLab {
         } else {
             images.clone()
         };
-        let mut rng = seeded_by(images)?;
+        // The input's hash seeds dropout; an evaluation pass needs neither.
+        let mut rng = if train {
+            Some(seeded_by(images)?)
+        } else {
+            None
+        };
         let (low_level, features) = self.backbone.forward_t(&x, train)?;
-        let x = self.aspp.forward_t(&features, train, &mut rng)?;
+        let x = self.aspp.forward_t(&features, rng.as_mut())?;
         let logits = match &self.head {
             Head::V3 { conv, out } => out.forward(&conv.forward_t(&x, train)?)?,
             Head::V3Plus(plus) => {
