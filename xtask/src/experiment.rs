@@ -3,7 +3,10 @@
 //! A method is a `genseg train --method` name, run on the plain recipe, or `strong` /
 //! `strong-<method>`: the baseline / that method on `--recipe strong`. Each `--ablate
 //! NAME:KEY=VALUE;...` adds, per method, a variant `<method>-<NAME>` with those overrides:
-//! one piece of the recipe taken away, trained from the same split and seed.
+//! one piece of the recipe taken away, trained from the same split and seed. An ablation
+//! that sets only keys of the generator's sections (`separate.`, `genseg.`, `generator.`,
+//! `discriminator.`, `gan.`) adds no variant to a method without a generator: it would be
+//! the method itself, trained again.
 //!
 //! Layout of `--out`: `pix2pix-s<seed>/` (generator pre-training), `<variant>-s<seed>/`
 //! (segmentation runs, with `eval-test/` and `eval-<ood>-all/`), `results.csv` (one line
@@ -29,20 +32,20 @@ pub struct Plan {
 
 /// One row of the study: a method on a recipe, with its own overrides.
 #[derive(Clone, Debug, PartialEq)]
-struct Variant {
+pub(crate) struct Variant {
     /// The row's name and its run folders' prefix.
-    name: String,
+    pub name: String,
     /// `genseg train --method`.
-    method: String,
+    pub method: String,
     /// On `--recipe strong`.
-    strong: bool,
+    pub strong: bool,
     /// Its own `--set` overrides (after the plan's).
-    sets: Vec<String>,
+    pub sets: Vec<String>,
 }
 
 impl Variant {
     /// `baseline`, `genseg`, ... (plain recipe), `strong` or `strong-<method>`.
-    fn parse(spec: &str) -> Self {
+    pub fn parse(spec: &str) -> Self {
         let (strong, method) = match spec.strip_prefix("strong") {
             Some("") => (true, "baseline"),
             Some(rest) if rest.starts_with('-') => (true, &rest[1..]),
@@ -83,20 +86,41 @@ impl Variant {
         Ok(variant)
     }
 
-    fn uses_generator(&self) -> bool {
+    pub fn uses_generator(&self) -> bool {
         self.method == "separate" || self.method == "genseg"
+    }
+
+    /// Whether this variant reads any of the config keys `sets` (`section.key=value`).
+    fn reads_any(&self, sets: &[String]) -> bool {
+        const GENERATOR_SECTIONS: &[&str] = &[
+            "separate.",
+            "genseg.",
+            "generator.",
+            "discriminator.",
+            "gan.",
+        ];
+        self.uses_generator()
+            || sets
+                .iter()
+                .any(|kv| !GENERATOR_SECTIONS.iter().any(|s| kv.starts_with(s)))
     }
 }
 
-/// Every variant of the plan, in table order: each method, then its ablations.
+/// Every variant of the plan, in table order: each method, then those of its ablations that
+/// change what it reads.
 fn variants(plan: &Plan) -> Result<Vec<Variant>> {
     let mut all = Vec::new();
     for spec in &plan.methods {
         let variant = Variant::parse(spec);
+        let mut ablated = Vec::new();
         for ablation in &plan.ablations {
-            all.push(variant.ablated(ablation)?);
+            let a = variant.ablated(ablation)?;
+            if a.reads_any(&a.sets[variant.sets.len()..]) {
+                ablated.push(a);
+            }
         }
-        all.insert(all.len() - plan.ablations.len(), variant);
+        all.push(variant);
+        all.extend(ablated);
     }
     Ok(all)
 }
@@ -439,6 +463,29 @@ mod tests {
         assert_eq!((all[6].method.as_str(), all[6].strong), ("genseg", true));
         assert!(all[6].uses_generator() && !all[0].strong);
         assert_eq!(all[5].sets, ["train.optimizer=\"sgd\"", "train.lr=0.01"]);
+        Ok(())
+    }
+
+    #[test]
+    fn an_ablation_of_the_generator_skips_methods_without_one() -> Result<()> {
+        let all = variants(&plan(
+            &["strong", "strong-separate"],
+            &[
+                "transformed:separate.transforms=true",
+                "mixed:separate.transforms=true;train.lambda=0.5",
+            ],
+        ))?;
+        let names: Vec<&str> = all.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "strong",
+                "strong-mixed",
+                "strong-separate",
+                "strong-separate-transformed",
+                "strong-separate-mixed"
+            ]
+        );
         Ok(())
     }
 
