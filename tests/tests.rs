@@ -4,5 +4,6 @@ mod bench_cli;
 mod data_cli;
 mod fuzz_loaders;
 mod generator_cli;
+mod manifest_cli;
 mod support;
 mod train_cli;

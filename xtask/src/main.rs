@@ -9,8 +9,10 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod aggregate;
 mod bench_vs_nnunet;
 mod bench_vs_torch;
+mod exp;
 mod experiment;
 
 #[derive(Parser)]
@@ -54,9 +56,44 @@ enum Recipe {
         #[arg(long = "pretrain-set", value_name = "KEY=VALUE")]
         pretrain_sets: Vec<String>,
         /// A piece taken away: adds, per method, the variant `<method>-NAME` trained with
-        /// these overrides as well (e.g. `no-aug:train.transforms=false`).
+        /// these overrides as well (e.g. `no-aug:train.transforms=false`); one that sets only
+        /// generator keys (`separate.`, `genseg.`, ...) skips methods without a generator.
         #[arg(long = "ablate", value_name = "NAME:KEY=VALUE[;KEY=VALUE...]")]
         ablations: Vec<String>,
+    },
+    /// An experiment grid from a recipe (xtask/recipes/<name>.toml, or a path): datasets x
+    /// regimes x backbones x methods x seeds, written as `<out>/runs.jsonl` (one resolved,
+    /// resumable run per line) and run by a local worker pool with one progress bar, or
+    /// handed to Slurm as a job array (`--emit-slurm`); then `aggregate`. The same command
+    /// skips finished runs and resumes interrupted ones.
+    Exp {
+        /// Recipe name (xtask/recipes/) or path to a .toml file.
+        recipe: String,
+        /// The experiment folder; default `target/exp/<recipe>`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Where the recipe's relative dataset paths start.
+        #[arg(long, default_value = "../shared/data")]
+        data_root: PathBuf,
+        /// Runs at a time (they share the cores; on CPU one at a time is fastest per run).
+        #[arg(short = 'j', long, default_value_t = 1)]
+        jobs: usize,
+        /// Write `<out>/slurm/` (a job array over the manifest, the aggregation as a
+        /// dependent job, submit.sh) instead of running here.
+        #[arg(long)]
+        emit_slurm: bool,
+        #[command(flatten)]
+        slurm: exp::SlurmOptions,
+        /// Use this `genseg` binary instead of building one.
+        #[arg(long)]
+        genseg_bin: Option<PathBuf>,
+    },
+    /// The tables of an experiment folder's finished runs: results.csv and results.md (per
+    /// dataset and test set: Dice and IoU mean ± std over seeds, the paired difference to
+    /// the baseline with a paired t-test).
+    Aggregate {
+        /// The experiment folder (holds runs.jsonl).
+        exp: PathBuf,
     },
     /// One training step of the same networks in genseg and in PyTorch (installed from PyPI
     /// into target/bench-venv; not for CI): runs `genseg bench-step` and
@@ -127,6 +164,28 @@ fn main() -> Result<()> {
         Recipe::BenchVsNnunet { study, size } => {
             bench_vs_nnunet::run(&root, &study.under(&root), size)
         }
+        Recipe::Exp {
+            recipe,
+            out,
+            data_root,
+            jobs,
+            emit_slurm,
+            slurm,
+            genseg_bin,
+        } => {
+            let (name, recipe) = exp::Recipe::load(&root, &recipe)?;
+            let out = root.join(out.unwrap_or_else(|| Path::new("target/exp").join(&name)));
+            let bin = match genseg_bin {
+                Some(b) => root.join(b),
+                None => build_genseg(&root)?,
+            };
+            let how = exp::Execution {
+                jobs,
+                slurm: emit_slurm.then_some(slurm),
+            };
+            exp::run(&recipe, &root.join(data_root), &out, &bin, &how)
+        }
+        Recipe::Aggregate { exp } => aggregate::run(&root.join(exp)),
         Recipe::Experiment {
             study,
             methods,

@@ -63,6 +63,9 @@ enum Commands {
     Predict(commands::predict::PredictArgs),
     /// Score another tool's predicted masks (e.g. nnU-Net's) with genseg's metrics.
     Score(commands::score::ScoreArgs),
+    /// One run of an experiment manifest (`cargo xtask exp`): its steps in order, each
+    /// skipped when done and resumed when started.
+    Run(commands::run::RunArgs),
     /// Time training steps of the UNet or the generator on random data (one JSON line).
     BenchStep(commands::bench_step::BenchStepArgs),
 }
@@ -118,5 +121,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Predict(args) => commands::predict::run(args, &device),
         Commands::Score(args) => commands::score::run(args),
         Commands::BenchStep(args) => commands::bench_step::run(args, &device),
+        Commands::Run(args) => commands::run::run(args, &cli.device),
     }
 }

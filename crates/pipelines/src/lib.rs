@@ -20,6 +20,7 @@
 //! - [`evaluate`], [`predict`], [`generate`]: scoring, inference and synthetic datasets
 //!   from run folders; [`demo`]: the whole method on phantoms; [`bench_step`]: timed
 //!   training steps.
+//! - [`manifest`]: experiment manifests, one fully resolved run per JSON line (`genseg run`).
 //!
 //! ```no_run
 //! use std::sync::atomic::AtomicBool;
@@ -49,6 +50,7 @@ pub mod evaluate;
 pub mod generate;
 pub mod learner;
 pub mod logging;
+pub mod manifest;
 pub mod methods;
 pub mod overrides;
 pub mod predict;

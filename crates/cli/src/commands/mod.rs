@@ -8,6 +8,7 @@ pub mod evaluate;
 pub mod generate;
 pub mod predict;
 pub mod pretrain;
+pub mod run;
 pub mod run_flags;
 pub mod score;
 pub mod train;

@@ -1,0 +1,585 @@
+//! `cargo xtask exp <recipe>`: an experiment grid from a TOML recipe (xtask/recipes/), as a
+//! manifest of independent, resumable runs, executed by a local worker pool or as a Slurm
+//! job array.
+//!
+//! A recipe names datasets (with out-of-domain test folders), labelled-set regimes, methods,
+//! backbones, seeds, a profile and overrides. It expands into `<out>/runs.jsonl`
+//! ([`genseg_pipelines::manifest`]): one line per dataset × regime × backbone × method ×
+//! seed, each with its own folder under `<out>/runs/` and the `genseg` commands that make
+//! it, which `genseg run --manifest <out>/runs.jsonl --index <i>` executes. Running the same
+//! command again skips finished runs and resumes interrupted ones; `genseg train` locks a
+//! run folder while it trains in it. Afterwards [`crate::aggregate`] writes the tables.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context, Result, bail};
+use genseg_pipelines::manifest::{self, Action, RunSpec, Step};
+use serde::Deserialize;
+
+use crate::experiment::{Variant, s};
+
+/// A recipe file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// What the grid measures, one line.
+    pub description: String,
+    /// `genseg --profile` of every run (`cpu` or `paper`).
+    #[serde(default = "default_profile")]
+    pub profile: String,
+    /// Seeds (each draws its own split).
+    pub seeds: Vec<u64>,
+    /// Methods as `cargo xtask experiment` names them: `baseline`, `combine`, `separate`,
+    /// `genseg`, ... on the plain recipe; `strong`, `strong-<method>` on the strong one.
+    pub methods: Vec<String>,
+    /// Backbones (`model.kind`): `unet`, `deeplab`, `swin_unet`, `foundation`.
+    #[serde(default = "default_backbones")]
+    pub backbones: Vec<String>,
+    /// `--set KEY=VALUE` for every segmentation run.
+    #[serde(default)]
+    pub sets: Vec<String>,
+    /// `--set KEY=VALUE` for every generator pre-training.
+    #[serde(default)]
+    pub pretrain_sets: Vec<String>,
+    /// The labelled pools.
+    pub datasets: Vec<DatasetEntry>,
+    /// Labelled-set sizes.
+    pub regimes: Vec<Regime>,
+}
+
+fn default_profile() -> String {
+    "cpu".into()
+}
+
+fn default_backbones() -> Vec<String> {
+    vec!["unet".into()]
+}
+
+/// One labelled pool and where its models are also scored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetEntry {
+    /// Its name in run ids and tables.
+    pub name: String,
+    /// Its folder: relative to `--data-root`, or absolute.
+    pub path: PathBuf,
+    /// Out-of-domain test folders (every image), relative to `--data-root` or absolute.
+    #[serde(default)]
+    pub ood: Vec<PathBuf>,
+}
+
+/// A labelled-set size: training and validation pairs drawn per seed.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Regime {
+    /// Training pairs.
+    pub n_train: usize,
+    /// Validation pairs.
+    pub n_val: usize,
+}
+
+impl Regime {
+    fn name(&self) -> String {
+        format!("{}+{}", self.n_train, self.n_val)
+    }
+}
+
+impl Recipe {
+    /// Reads the recipe `name_or_path`: a file, or `xtask/recipes/<name>.toml`.
+    pub fn load(root: &Path, name_or_path: &str) -> Result<(String, Self)> {
+        let given = Path::new(name_or_path);
+        let path = if given.extension().is_some_and(|e| e == "toml") {
+            root.join(given)
+        } else {
+            root.join("xtask/recipes")
+                .join(format!("{name_or_path}.toml"))
+        };
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading recipe {} (recipes: {})",
+                path.display(),
+                known_recipes(root).join(", ")
+            )
+        })?;
+        let recipe: Self =
+            toml::from_str(&text).with_context(|| format!("parsing recipe {}", path.display()))?;
+        recipe
+            .check()
+            .with_context(|| format!("recipe {}", path.display()))?;
+        let name = path
+            .file_stem()
+            .map_or_else(|| "exp".into(), |n| n.to_string_lossy().into_owned());
+        Ok((name, recipe))
+    }
+
+    fn check(&self) -> Result<()> {
+        for (what, empty) in [
+            ("seeds", self.seeds.is_empty()),
+            ("methods", self.methods.is_empty()),
+            ("backbones", self.backbones.is_empty()),
+            ("datasets", self.datasets.is_empty()),
+            ("regimes", self.regimes.is_empty()),
+        ] {
+            anyhow::ensure!(!empty, "`{what}` is empty");
+        }
+        anyhow::ensure!(
+            ["cpu", "paper"].contains(&self.profile.as_str()),
+            "profile {:?}: expected cpu or paper",
+            self.profile
+        );
+        for r in &self.regimes {
+            anyhow::ensure!(
+                r.n_train > 0 && r.n_val > 0,
+                "regime {}: both sizes must be > 0",
+                r.name()
+            );
+        }
+        let mut names: Vec<&str> = self.datasets.iter().map(|d| d.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        anyhow::ensure!(
+            names.len() == self.datasets.len(),
+            "two datasets share a name"
+        );
+        for kv in self.sets.iter().chain(&self.pretrain_sets) {
+            anyhow::ensure!(kv.contains('='), "override {kv:?}: expected KEY=VALUE");
+        }
+        Ok(())
+    }
+
+    /// Every run of the grid, in the order the pool starts them: seed-major, so an
+    /// interrupted sweep has whole seeds of every cell rather than all seeds of a few.
+    pub fn expand(&self, data_root: &Path, out: &Path) -> Vec<RunSpec> {
+        let mut runs = Vec::new();
+        for &seed in &self.seeds {
+            for dataset in &self.datasets {
+                for regime in &self.regimes {
+                    for backbone in &self.backbones {
+                        for method in &self.methods {
+                            runs.push(
+                                self.run(data_root, out, dataset, regime, backbone, method, seed),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        runs
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        data_root: &Path,
+        out: &Path,
+        dataset: &DatasetEntry,
+        regime: &Regime,
+        backbone: &str,
+        method: &str,
+        seed: u64,
+    ) -> RunSpec {
+        let variant = Variant::parse(method);
+        let name = format!(
+            "{}-{}-{backbone}-{method}-s{seed}",
+            dataset.name,
+            regime.name()
+        );
+        let dir = out.join("runs").join(&name);
+        let test_summary = dir.join("eval-test").join("summary.json");
+        let common = vec![
+            "--data".to_string(),
+            s(&data_root.join(&dataset.path)),
+            "--n-train".into(),
+            regime.n_train.to_string(),
+            "--n-val".into(),
+            regime.n_val.to_string(),
+            "--seed".into(),
+            seed.to_string(),
+            "--profile".into(),
+            self.profile.clone(),
+        ];
+        let mut steps = Vec::new();
+        let mut train: Vec<String> = vec!["train".into()];
+        train.extend(common.iter().cloned());
+        train.extend(["--method".into(), variant.method.clone()]);
+        if variant.strong {
+            train.extend(["--recipe".into(), "strong".into()]);
+        }
+        if variant.uses_generator() {
+            // Its own generator, so that runs stay independent (pre-training is
+            // deterministic: the runs of one seed get the same generator).
+            let generator = out.join("runs").join(format!("{name}.generator"));
+            let mut pretrain: Vec<String> = vec!["pretrain-generator".into()];
+            pretrain.extend(common.iter().cloned());
+            pretrain.extend(["--out".into(), s(&generator)]);
+            for kv in &self.pretrain_sets {
+                pretrain.extend(["--set".into(), kv.clone()]);
+            }
+            steps.push(Step {
+                args: pretrain,
+                resume: Some(generator.clone()),
+                // Once the segmentation run is scored its generator is not needed again.
+                done: Some(test_summary.clone()),
+            });
+            train.extend(["--generator".into(), s(&generator)]);
+        }
+        train.extend(["--out".into(), s(&dir)]);
+        train.extend(["--set".into(), format!("model.kind=\"{backbone}\"")]);
+        for kv in &self.sets {
+            train.extend(["--set".into(), kv.clone()]);
+        }
+        steps.push(Step {
+            args: train,
+            resume: Some(dir.clone()),
+            done: Some(test_summary.clone()),
+        });
+        let mut scores = BTreeMap::from([("test".to_string(), test_summary)]);
+        for ood in &dataset.ood {
+            let set = ood
+                .file_name()
+                .map_or_else(|| "ood".into(), |n| n.to_string_lossy().into_owned());
+            let report = dir.join(format!("eval-{set}"));
+            let summary = report.join("summary.json");
+            steps.push(Step {
+                args: vec![
+                    "evaluate".into(),
+                    "--run".into(),
+                    s(&dir),
+                    "--data".into(),
+                    s(&data_root.join(ood)),
+                    "--out".into(),
+                    s(&report),
+                ],
+                resume: None,
+                done: Some(summary.clone()),
+            });
+            scores.insert(set, summary);
+        }
+        RunSpec {
+            id: format!(
+                "{}/{}/{backbone}/{method}/s{seed}",
+                dataset.name,
+                regime.name()
+            ),
+            dataset: dataset.name.clone(),
+            regime: regime.name(),
+            n_train: regime.n_train,
+            n_val: regime.n_val,
+            method: method.to_string(),
+            backbone: backbone.to_string(),
+            seed,
+            dir,
+            steps,
+            scores,
+        }
+    }
+}
+
+fn known_recipes(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join("xtask/recipes"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let p = e.path();
+            (p.extension()? == "toml")
+                .then(|| p.file_stem().map(|s| s.to_string_lossy().into_owned()))?
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Whether every step of `run` is done.
+pub fn finished(run: &RunSpec) -> bool {
+    run.steps.iter().all(|s| s.action() == Action::Skip)
+}
+
+/// How `cargo xtask exp` executes the manifest.
+pub struct Execution {
+    /// Runs at a time on this machine.
+    pub jobs: usize,
+    /// Write the Slurm scripts instead of running.
+    pub slurm: Option<SlurmOptions>,
+}
+
+/// What the sbatch scripts ask of the cluster.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SlurmOptions {
+    /// CPUs per array task (the compute threads of its run).
+    #[arg(long = "slurm-cpus", default_value_t = 2)]
+    pub cpus: usize,
+    /// Wall-time limit per array task (`sbatch --time`).
+    #[arg(long = "slurm-time", default_value = "04:00:00")]
+    pub time: String,
+    /// Partition (`sbatch --partition`); the cluster's default when absent.
+    #[arg(long = "slurm-partition")]
+    pub partition: Option<String>,
+}
+
+/// Expands `recipe` into `<out>/runs.jsonl` and runs it (or writes its Slurm scripts).
+pub fn run(
+    recipe: &Recipe,
+    data_root: &Path,
+    out: &Path,
+    bin: &Path,
+    how: &Execution,
+) -> Result<()> {
+    std::fs::create_dir_all(out.join("runs"))
+        .with_context(|| format!("creating {}", out.display()))?;
+    let runs = recipe.expand(data_root, out);
+    let manifest_path = out.join("runs.jsonl");
+    manifest::write(&manifest_path, &runs)?;
+    eprintln!(
+        "{}: {} runs in {}",
+        recipe.description,
+        runs.len(),
+        manifest_path.display()
+    );
+    if let Some(slurm) = &how.slurm {
+        return write_slurm(out, &manifest_path, runs.len(), bin, slurm);
+    }
+    let failed = run_local(&manifest_path, &runs, bin, how.jobs, out)?;
+    crate::aggregate::run(out)?;
+    if !failed.is_empty() {
+        bail!(
+            "{} run(s) failed: {} (logs in {}; the same command resumes them)",
+            failed.len(),
+            failed.join(", "),
+            out.join("logs").display()
+        );
+    }
+    Ok(())
+}
+
+/// The worker pool: `jobs` runs at a time, each `genseg run` with the machine's cores shared
+/// among them and its output in `<out>/logs/<index>.log`; one progress bar with the ETA.
+/// Returns the ids of the runs that failed.
+fn run_local(
+    manifest_path: &Path,
+    runs: &[RunSpec],
+    bin: &Path,
+    jobs: usize,
+    out: &Path,
+) -> Result<Vec<String>> {
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let todo: Vec<usize> = (0..runs.len()).filter(|&i| !finished(&runs[i])).collect();
+    let bar = indicatif::ProgressBar::new(runs.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} runs, ETA {eta} {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_position((runs.len() - todo.len()) as u64);
+    let jobs = jobs.clamp(1, todo.len().max(1));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / jobs).max(1).to_string();
+    let next = AtomicUsize::new(0);
+    let failed = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| {
+                while let Some(&i) = todo.get(next.fetch_add(1, Ordering::SeqCst)) {
+                    bar.set_message(runs[i].id.clone());
+                    let ok = run_one(
+                        manifest_path,
+                        i,
+                        bin,
+                        &threads,
+                        &logs.join(format!("{i}.log")),
+                    );
+                    if let Err(err) = ok {
+                        bar.println(format!("run {i} ({}) failed: {err:#}", runs[i].id));
+                        failed.lock().expect("no panics").push(runs[i].id.clone());
+                    }
+                    bar.inc(1);
+                }
+            });
+        }
+    });
+    bar.finish_with_message("done");
+    Ok(failed.into_inner().expect("no panics"))
+}
+
+fn run_one(
+    manifest_path: &Path,
+    index: usize,
+    bin: &Path,
+    threads: &str,
+    log: &Path,
+) -> Result<()> {
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let status = Command::new(bin)
+        .args([
+            "run",
+            "--manifest",
+            &s(manifest_path),
+            "--index",
+            &index.to_string(),
+        ])
+        .env("RAYON_NUM_THREADS", threads)
+        .stdout(Stdio::from(file.try_clone()?))
+        .stderr(Stdio::from(file))
+        .status()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    anyhow::ensure!(status.success(), "{status}, see {}", log.display());
+    Ok(())
+}
+
+/// Writes `<out>/slurm/`: `runs.sbatch` (a job array, one task per manifest line),
+/// `aggregate.sbatch` (the tables) and `submit.sh`, which submits the array and the
+/// aggregation as a job that starts after every task succeeded (`--dependency=afterok`).
+fn write_slurm(
+    out: &Path,
+    manifest_path: &Path,
+    n: usize,
+    bin: &Path,
+    opts: &SlurmOptions,
+) -> Result<()> {
+    let dir = out.join("slurm");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let xtask = std::env::current_exe().context("locating the xtask binary")?;
+    let partition = opts
+        .partition
+        .as_ref()
+        .map(|p| format!("#SBATCH --partition={p}\n"))
+        .unwrap_or_default();
+    let array = format!(
+        "#!/bin/bash\n#SBATCH --job-name=genseg-runs\n#SBATCH --array=0-{last}\n\
+         #SBATCH --cpus-per-task={cpus}\n#SBATCH --time={time}\n{partition}\
+         #SBATCH --output={logs}/%a.log\n\n\
+         # One manifest line per array task; re-submitting resumes unfinished runs.\n\
+         export RAYON_NUM_THREADS=\"${{SLURM_CPUS_PER_TASK:-{cpus}}}\"\n\
+         exec {bin} run --manifest {manifest} --index \"$SLURM_ARRAY_TASK_ID\"\n",
+        last = n.saturating_sub(1),
+        cpus = opts.cpus,
+        time = opts.time,
+        logs = s(&out.join("logs")),
+        bin = s(bin),
+        manifest = s(manifest_path),
+    );
+    let aggregate = format!(
+        "#!/bin/bash\n#SBATCH --job-name=genseg-aggregate\n#SBATCH --cpus-per-task=1\n\
+         #SBATCH --time=00:30:00\n{partition}#SBATCH --output={logs}/aggregate.log\n\n\
+         exec {xtask} aggregate {out}\n",
+        logs = s(&out.join("logs")),
+        xtask = s(&xtask),
+        out = s(out),
+    );
+    let submit = format!(
+        "#!/bin/bash\n# Submits the runs as a job array and the aggregation after all of them.\n\
+         set -euo pipefail\nmkdir -p {logs}\n\
+         runs=$(sbatch --parsable {array})\n\
+         sbatch --parsable --dependency=afterok:\"${{runs%%;*}}\" {aggregate}\n",
+        logs = s(&out.join("logs")),
+        array = s(&dir.join("runs.sbatch")),
+        aggregate = s(&dir.join("aggregate.sbatch")),
+    );
+    for (file, text) in [
+        ("runs.sbatch", array),
+        ("aggregate.sbatch", aggregate),
+        ("submit.sh", submit),
+    ] {
+        let path = dir.join(file);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    eprintln!(
+        "wrote {}: submit with `bash {}`",
+        dir.display(),
+        s(&dir.join("submit.sh"))
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RECIPE: &str = r#"
+description = "two methods on a pool"
+seeds = [0, 1]
+methods = ["baseline", "strong-separate"]
+[[datasets]]
+name = "lungs"
+path = "montgomery"
+ood = ["/elsewhere/ph2"]
+[[regimes]]
+n_train = 7
+n_val = 2
+"#;
+
+    #[test]
+    fn a_recipe_expands_seed_major_into_resolved_runs() -> Result<()> {
+        let recipe: Recipe = toml::from_str(RECIPE)?;
+        recipe.check()?;
+        let runs = recipe.expand(Path::new("/data"), Path::new("/exp"));
+        let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "lungs/7+2/unet/baseline/s0",
+                "lungs/7+2/unet/strong-separate/s0",
+                "lungs/7+2/unet/baseline/s1",
+                "lungs/7+2/unet/strong-separate/s1"
+            ]
+        );
+        let plain = &runs[0];
+        assert_eq!(
+            plain.steps.len(),
+            2,
+            "train, then the out-of-domain evaluation"
+        );
+        let train = plain.steps[0].args.join(" ");
+        assert!(train.starts_with("train --data /data/montgomery --n-train 7 --n-val 2 --seed 0 --profile cpu --method baseline --out /exp/runs/lungs-7+2-unet-baseline-s0"), "{train}");
+        assert!(train.ends_with("--set model.kind=\"unet\""), "{train}");
+        assert_eq!(plain.steps[1].args[4], "/elsewhere/ph2");
+        assert_eq!(plain.scores.keys().collect::<Vec<_>>(), ["ph2", "test"]);
+        let separate = &runs[1];
+        assert_eq!(separate.steps.len(), 3);
+        assert_eq!(separate.steps[0].args[0], "pretrain-generator");
+        let train = separate.steps[1].args.join(" ");
+        assert!(train.contains("--method separate --recipe strong --generator /exp/runs/lungs-7+2-unet-strong-separate-s0.generator"), "{train}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_bad_recipe_is_refused_with_the_reason() {
+        for (bad, reason) in [
+            (
+                RECIPE.replace("seeds = [0, 1]", "seeds = []"),
+                "`seeds` is empty",
+            ),
+            (RECIPE.replace("n_val = 2", "n_val = 0"), "regime 7+0"),
+            (format!("profile = \"fast\"\n{RECIPE}"), "profile \"fast\""),
+        ] {
+            let recipe: Recipe = toml::from_str(&bad).unwrap();
+            let err = recipe.check().unwrap_err().to_string();
+            assert!(err.contains(reason), "{err}");
+        }
+        assert!(toml::from_str::<Recipe>(&format!("typo = 1\n{RECIPE}")).is_err());
+    }
+
+    #[test]
+    fn the_shipped_recipes_parse() -> Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let names = known_recipes(root);
+        assert!(names.len() >= 5, "{names:?}");
+        for name in names {
+            let (_, recipe) = Recipe::load(root, &name)?;
+            assert!(!recipe.expand(Path::new("d"), Path::new("o")).is_empty());
+        }
+        Ok(())
+    }
+}
