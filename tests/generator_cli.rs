@@ -10,23 +10,11 @@ use candle_core::Device;
 use genseg_data::dataset::{DataConfig, Dataset};
 use genseg_data::layout::LayoutChoice;
 
-use crate::support::{command, fails, metrics, ok, run_args, s};
+use crate::support::{self, command, fails, metrics, ok, run_args, s};
 
+/// The lung phantoms of these tests (seed 3).
 fn lung_phantoms(dir: &Path, n: usize) {
-    ok(&[
-        "data",
-        "phantoms",
-        "--kind",
-        "lungs",
-        "--n",
-        &n.to_string(),
-        "--size",
-        "64",
-        "--seed",
-        "3",
-        "--out",
-        &s(dir),
-    ]);
+    support::phantoms(dir, "lungs", n, 3, &[]);
 }
 
 /// `pretrain-generator` arguments for a tiny, fast generator at 32 px.

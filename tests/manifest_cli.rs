@@ -6,54 +6,25 @@ use std::path::Path;
 
 use genseg_pipelines::manifest::{RunSpec, Step, write};
 
-use crate::support::{fails, genseg, ok, s};
-
-fn phantoms(dir: &Path, seed: &str) {
-    ok(&[
-        "data",
-        "phantoms",
-        "--kind",
-        "lungs",
-        "--n",
-        "16",
-        "--size",
-        "64",
-        "--seed",
-        seed,
-        "--out",
-        &s(dir),
-    ]);
-}
+use crate::support::{fails, genseg, ok, phantoms, run_args, s};
 
 /// A run of the manifest: a short baseline on `data`, then an evaluation on `ood`.
 fn spec(data: &Path, ood: &Path, dir: &Path) -> RunSpec {
     let test = dir.join("eval-test/summary.json");
     let shifted = dir.join("eval-shifted/summary.json");
-    let train: Vec<String> = [
-        "train",
-        "--data",
-        &s(data),
-        "--n-train",
-        "6",
-        "--n-val",
-        "2",
-        "--seed",
-        "0",
-        "--method",
-        "baseline",
-        "--out",
-        &s(dir),
-        "--set",
-        "model.unet.base_width=8",
-        "--set",
-        "model.unet.depth=3",
-        "--set",
-        "train.iterations=6",
-        "--set",
-        "train.val_every=3",
-    ]
-    .map(String::from)
-    .to_vec();
+    let train = run_args(
+        &["train", "--method", "baseline"],
+        data,
+        (6, 2, 0),
+        dir,
+        &[
+            "model.unet.base_width=8",
+            "model.unet.depth=3",
+            "train.val_every=3",
+        ],
+        6,
+        &[],
+    );
     let evaluate: Vec<String> = [
         "evaluate",
         "--run",
@@ -95,8 +66,8 @@ fn spec(data: &Path, ood: &Path, dir: &Path) -> RunSpec {
 fn a_manifest_line_runs_its_steps_once_and_names_what_fails() {
     let tmp = tempfile::tempdir().unwrap();
     let (data, ood) = (tmp.path().join("lungs"), tmp.path().join("other"));
-    phantoms(&data, "1");
-    phantoms(&ood, "2");
+    phantoms(&data, "lungs", 16, 1, &[]);
+    phantoms(&ood, "lungs", 16, 2, &[]);
     let manifest = tmp.path().join("runs.jsonl");
     let run = tmp.path().join("runs/a");
     let mut broken = spec(

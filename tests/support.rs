@@ -60,6 +60,18 @@ pub fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String 
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Writes `n` 64 px phantoms of `kind` (`lungs`, `skin`) drawn with `seed` into `dir`;
+/// `extra` are more `genseg data phantoms` flags (e.g. `--shifted`).
+pub fn phantoms(dir: &Path, kind: &str, n: usize, seed: u64, extra: &[&str]) {
+    let (n, seed, out) = (n.to_string(), seed.to_string(), s(dir));
+    let mut args = vec![
+        "data", "phantoms", "--kind", kind, "--n", &n, "--size", "64", "--seed", &seed, "--out",
+        &out,
+    ];
+    args.extend(extra);
+    ok(&args);
+}
+
 /// A path as an argument.
 pub fn s(p: &Path) -> String {
     p.display().to_string()

@@ -8,15 +8,11 @@ use std::time::{Duration, Instant};
 use genseg_backbones::metrics::{BinaryMask, MetricOptions, case_metrics};
 use genseg_data::dataset::{DataConfig, Dataset, ImageSize};
 
-use crate::support::{command, fails, ok, run_args, s};
+use crate::support::{self, command, fails, ok, run_args, s};
 
+/// The phantoms of these tests (seed 5).
 fn phantoms(dir: &Path, kind: &str, n: usize, extra: &[&str]) {
-    let (n, out) = (n.to_string(), s(dir));
-    let mut args = vec![
-        "data", "phantoms", "--kind", kind, "--n", &n, "--size", "64", "--seed", "5", "--out", &out,
-    ];
-    args.extend(extra);
-    ok(&args);
+    support::phantoms(dir, kind, n, 5, extra);
 }
 
 /// A small, fast configuration for tests.
