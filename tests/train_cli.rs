@@ -143,6 +143,13 @@ fn baseline_beats_the_mean_mask_and_evaluate_predict_work() {
             .count(),
         7
     );
+    // The figure of the first four cases: rows of image | truth | prediction, 64 px tiles
+    // with 2 px padding.
+    let figure = image::open(eval_out.join("cases.png")).unwrap();
+    assert_eq!(
+        (figure.width(), figure.height()),
+        (3 * 64 + 4 * 2, 4 * 64 + 5 * 2)
+    );
 
     // Predict writes masks at the input's original size.
     let big = tmp.path().join("big");

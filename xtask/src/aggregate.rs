@@ -1,10 +1,13 @@
-//! `cargo xtask aggregate <exp dir>`: the tables of an experiment manifest's finished runs.
+//! `cargo xtask aggregate <exp dir>`: the tables, plots and report of an experiment
+//! manifest's finished runs.
 //!
 //! `results.csv` has one line per run and test set (Dice and IoU, each the mean over the
 //! set's cases). `results.md` has, per dataset and test set, one row per regime, backbone
 //! and method: Dice and IoU mean ± sample std over seeds, and the difference to the
 //! baseline of the same cell (`baseline` when the recipe has it, else its first method),
-//! paired by seed, with the two-sided p-value of a paired t-test across seeds.
+//! paired by seed, with the two-sided p-value of a paired t-test across seeds. `plots/`
+//! holds a bar chart per dataset and test set and, with several regimes, the
+//! data-efficiency curve; `results.html` ([`crate::report`]) shows it all on one page.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,7 +17,7 @@ use anyhow::{Context, Result};
 use genseg_pipelines::manifest::{self, RunSpec};
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
-use crate::experiment::{mean_std, read_json};
+use crate::experiment::{loop_seconds, mean_std, read_json};
 
 /// One finished run scored on one test set.
 #[derive(Debug)]
@@ -22,11 +25,26 @@ struct Score {
     dataset: String,
     test_set: String,
     regime: String,
+    n_train: usize,
     backbone: String,
     method: String,
     seed: u64,
     dice: f64,
     iou: f64,
+    /// Training wall time of the run, generator pre-training included.
+    seconds: Option<f64>,
+}
+
+/// The training loops' wall time of `run`: its own and its generator's pre-training
+/// (`None` when a `metrics.jsonl` lacks it).
+fn run_seconds(run: &RunSpec) -> Option<f64> {
+    let own = loop_seconds(&run.dir).ok()?;
+    let generator = crate::report::generator_dir(run).map(loop_seconds);
+    match generator {
+        Some(Ok(g)) => Some(own + g),
+        Some(Err(_)) => None,
+        None => Some(own),
+    }
 }
 
 fn metric(summary: &serde_json::Value, name: &str, path: &Path) -> Result<f64> {
@@ -38,6 +56,7 @@ fn metric(summary: &serde_json::Value, name: &str, path: &Path) -> Result<f64> {
 fn scores(runs: &[RunSpec]) -> Result<Vec<Score>> {
     let mut all = Vec::new();
     for run in runs {
+        let seconds = run_seconds(run);
         for (set, path) in &run.scores {
             if !path.exists() {
                 continue;
@@ -47,11 +66,13 @@ fn scores(runs: &[RunSpec]) -> Result<Vec<Score>> {
                 dataset: run.dataset.clone(),
                 test_set: set.clone(),
                 regime: run.regime.clone(),
+                n_train: run.n_train,
                 backbone: run.backbone.clone(),
                 method: run.method.clone(),
                 seed: run.seed,
                 dice: metric(&summary, "dice", path)?,
                 iou: metric(&summary, "iou", path)?,
+                seconds,
             });
         }
     }
@@ -71,49 +92,104 @@ pub(crate) fn paired_t_p(diffs: &[f64]) -> Option<f64> {
     Some(2.0 * (1.0 - dist.cdf(t.abs())))
 }
 
-/// Writes results.csv and results.md for the manifest in `exp`.
+/// One regime x backbone x method of a [`Section`], over its seeds.
+#[derive(Debug)]
+pub(crate) struct Row {
+    pub regime: String,
+    pub n_train: usize,
+    pub backbone: String,
+    pub method: String,
+    pub seeds: Vec<u64>,
+    /// Dice mean and sample std over seeds.
+    pub dice: (f64, f64),
+    /// IoU mean and sample std over seeds.
+    pub iou: (f64, f64),
+    /// Paired Dice difference to the reference method (mean, std); `None` for the
+    /// reference itself or without a shared seed.
+    pub delta: Option<(f64, f64)>,
+    /// Paired t-test p-value of `delta`.
+    pub p: Option<f64>,
+    /// Training wall time per run (generator pre-training included), mean over seeds.
+    pub seconds: Option<f64>,
+}
+
+/// The rows of one dataset and test set.
+#[derive(Debug)]
+pub(crate) struct Section {
+    pub dataset: String,
+    pub test_set: String,
+    pub rows: Vec<Row>,
+}
+
+/// Everything the tables, plots and report show.
+#[derive(Debug)]
+pub(crate) struct Tables {
+    /// The method every Δ is taken against.
+    pub reference: String,
+    /// Methods in the recipe's order.
+    pub methods: Vec<String>,
+    pub finished: usize,
+    pub total: usize,
+    /// Training wall time summed over the finished runs.
+    pub total_seconds: f64,
+    /// Per dataset its own test split first, then the out-of-domain sets.
+    pub sections: Vec<Section>,
+}
+
+/// Writes results.csv, results.md, plots/ and results.html for the manifest in `exp`.
 pub fn run(exp: &Path) -> Result<()> {
     let runs = manifest::read(&exp.join("runs.jsonl"))?;
     let scores = scores(&runs)?;
-    let mut csv = String::from("dataset,test_set,regime,backbone,method,seed,dice,iou\n");
+    let mut csv =
+        String::from("dataset,test_set,regime,backbone,method,seed,dice,iou,train_seconds\n");
     for s in &scores {
         writeln!(
             csv,
-            "{},{},{},{},{},{},{:.4},{:.4}",
-            s.dataset, s.test_set, s.regime, s.backbone, s.method, s.seed, s.dice, s.iou
+            "{},{},{},{},{},{},{:.4},{:.4},{}",
+            s.dataset,
+            s.test_set,
+            s.regime,
+            s.backbone,
+            s.method,
+            s.seed,
+            s.dice,
+            s.iou,
+            s.seconds.map_or(String::new(), |t| format!("{t:.0}"))
         )?;
     }
     std::fs::write(exp.join("results.csv"), csv)?;
-    let md = table(&runs, &scores)?;
+    let tables = tables(&runs, &scores);
+    let plots = crate::report::plots(exp, &tables)?;
+    let md = markdown(&tables, &plots)?;
     std::fs::write(exp.join("results.md"), &md)?;
+    crate::report::html(exp, &runs, &tables, &plots)?;
     println!("{md}");
+    println!("report: {}", exp.join("results.html").display());
     Ok(())
 }
 
-fn table(runs: &[RunSpec], scores: &[Score]) -> Result<String> {
+fn tables(runs: &[RunSpec], scores: &[Score]) -> Tables {
     // Methods in the recipe's order; the reference is `baseline`, else the first.
-    let mut methods: Vec<&str> = Vec::new();
+    let mut methods: Vec<String> = Vec::new();
     for r in runs {
-        if !methods.contains(&r.method.as_str()) {
-            methods.push(&r.method);
+        if !methods.contains(&r.method) {
+            methods.push(r.method.clone());
         }
     }
-    let reference = if methods.contains(&"baseline") {
-        "baseline"
+    let reference = if methods.iter().any(|m| m == "baseline") {
+        "baseline".to_string()
     } else {
-        methods.first().copied().unwrap_or("baseline")
+        methods
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "baseline".into())
     };
-    let finished = runs
+    let finished: Vec<&RunSpec> = runs
         .iter()
         .filter(|r| r.scores.values().all(|p| p.exists()))
-        .count();
-    let mut md = format!(
-        "{finished} of {} runs finished. Dice and IoU: each run's mean over the test set's \
-         cases, then mean ± sample std over seeds; Δ: the paired difference to {reference} \
-         on the same seeds (mean ± std), p: two-sided paired t-test across seeds.\n",
-        runs.len()
-    );
-    // Per dataset its own test split first, then the out-of-domain sets.
+        .collect();
+    let total_seconds = finished.iter().filter_map(|r| run_seconds(r)).sum();
+    let finished = finished.len();
     let mut cells: BTreeMap<(&str, bool, &str), Vec<&Score>> = BTreeMap::new();
     for s in scores {
         cells
@@ -125,66 +201,160 @@ fn table(runs: &[RunSpec], scores: &[Score]) -> Result<String> {
             .or_default()
             .push(s);
     }
-    for ((dataset, _, set), group) in cells {
+    let sections = cells
+        .into_iter()
+        .map(|((dataset, _, set), group)| {
+            let mut keys: Vec<(usize, &str, &str, &str)> = group
+                .iter()
+                .map(|s| {
+                    (
+                        s.n_train,
+                        s.regime.as_str(),
+                        s.backbone.as_str(),
+                        s.method.as_str(),
+                    )
+                })
+                .collect();
+            keys.sort_by_key(|&(n, regime, backbone, method)| {
+                (
+                    n,
+                    regime,
+                    backbone,
+                    methods.iter().position(|x| x == method),
+                )
+            });
+            keys.dedup();
+            let rows = keys
+                .into_iter()
+                .map(|(n_train, regime, backbone, method)| {
+                    let cell = |m: &str| -> Vec<&&Score> {
+                        group
+                            .iter()
+                            .filter(|s| {
+                                (s.regime.as_str(), s.backbone.as_str(), s.method.as_str())
+                                    == (regime, backbone, m)
+                            })
+                            .collect()
+                    };
+                    let mine = cell(method);
+                    let base = cell(&reference);
+                    let diffs: Vec<f64> = mine
+                        .iter()
+                        .filter_map(|s| {
+                            let b = base.iter().find(|b| b.seed == s.seed)?;
+                            Some(s.dice - b.dice)
+                        })
+                        .collect();
+                    let (delta, p) = if method == reference || diffs.is_empty() {
+                        (None, None)
+                    } else {
+                        (Some(mean_std(&diffs)), paired_t_p(&diffs))
+                    };
+                    let times: Option<Vec<f64>> = mine.iter().map(|s| s.seconds).collect();
+                    Row {
+                        seconds: times.map(|t| mean_std(&t).0),
+                        regime: regime.into(),
+                        n_train,
+                        backbone: backbone.into(),
+                        method: method.into(),
+                        seeds: mine.iter().map(|s| s.seed).collect(),
+                        dice: mean_std(&mine.iter().map(|s| s.dice).collect::<Vec<_>>()),
+                        iou: mean_std(&mine.iter().map(|s| s.iou).collect::<Vec<_>>()),
+                        delta,
+                        p,
+                    }
+                })
+                .collect();
+            Section {
+                dataset: dataset.into(),
+                test_set: set.into(),
+                rows,
+            }
+        })
+        .collect();
+    Tables {
+        reference,
+        methods,
+        finished,
+        total: runs.len(),
+        total_seconds,
+        sections,
+    }
+}
+
+impl Tables {
+    /// The sentence that says what the numbers are.
+    pub(crate) fn legend(&self) -> String {
+        format!(
+            "{} of {} runs finished, {} of training in all. Dice and IoU: each run's \
+             mean over the test set's cases, then mean ± sample std over seeds; Δ: the \
+             paired difference to {} on the same seeds (mean ± std), p: two-sided paired \
+             t-test across seeds; time: a run's training wall time (its generator's \
+             pre-training included), mean over seeds.",
+            self.finished,
+            self.total,
+            if self.total_seconds >= 3600.0 {
+                format!("{:.1} h", self.total_seconds / 3600.0)
+            } else {
+                format!("{:.0} min", self.total_seconds / 60.0)
+            },
+            self.reference
+        )
+    }
+}
+
+/// The columns of a results table, in the order of [`Row::cells`].
+pub(crate) fn columns(reference: &str) -> [String; 9] {
+    let delta = format!("Δ Dice vs {reference}");
+    [
+        "regime", "backbone", "method", "seeds", "Dice", "IoU", &delta, "p", "time",
+    ]
+    .map(String::from)
+}
+
+impl Row {
+    /// The row's table cells (see [`columns`]); `—` where there is no value.
+    pub(crate) fn cells(&self) -> [String; 9] {
+        let (delta, p) = match self.delta {
+            Some((m, sd)) => (
+                format!("{:+.1} ± {:.1} pt", 100.0 * m, 100.0 * sd),
+                self.p.map_or("—".into(), |p| format!("{p:.3}")),
+            ),
+            None => ("—".into(), "—".into()),
+        };
+        let seeds: Vec<String> = self.seeds.iter().map(u64::to_string).collect();
+        [
+            self.regime.clone(),
+            self.backbone.clone(),
+            self.method.clone(),
+            seeds.join(","),
+            format!("{:.3} ± {:.3}", self.dice.0, self.dice.1),
+            format!("{:.3} ± {:.3}", self.iou.0, self.iou.1),
+            delta,
+            p,
+            self.seconds.map_or("—".into(), |t| format!("{t:.0} s")),
+        ]
+    }
+}
+
+fn markdown(tables: &Tables, plots: &crate::report::Plots) -> Result<String> {
+    let reference = &tables.reference;
+    let mut md = tables.legend() + "\n";
+    for (k, section) in tables.sections.iter().enumerate() {
+        let head = columns(reference);
         write!(
             md,
-            "\n### {dataset}, test set `{set}`\n\n| regime | backbone | method | seeds | Dice | \
-             IoU | Δ Dice vs {reference} | p |\n|---|---|---|---|---|---|---|---|\n"
+            "\n### {}, test set `{}`\n\n| {} |\n|{}\n",
+            section.dataset,
+            section.test_set,
+            head.join(" | "),
+            "---|".repeat(head.len())
         )?;
-        let mut rows: Vec<(&str, &str, &str)> = group
-            .iter()
-            .map(|s| (s.regime.as_str(), s.backbone.as_str(), s.method.as_str()))
-            .collect();
-        rows.sort_by_key(|&(regime, backbone, method)| {
-            let n: usize = regime
-                .split('+')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            let m = methods.iter().position(|x| *x == method);
-            (n, regime, backbone, m)
-        });
-        rows.dedup();
-        for (regime, backbone, method) in rows {
-            let mine: Vec<&&Score> = group
-                .iter()
-                .filter(|s| {
-                    (s.regime.as_str(), s.backbone.as_str(), s.method.as_str())
-                        == (regime, backbone, method)
-                })
-                .collect();
-            let (d, ds) = mean_std(&mine.iter().map(|s| s.dice).collect::<Vec<_>>());
-            let (i, is) = mean_std(&mine.iter().map(|s| s.iou).collect::<Vec<_>>());
-            let diffs: Vec<f64> = mine
-                .iter()
-                .filter_map(|s| {
-                    let base = group.iter().find(|b| {
-                        (
-                            b.regime.as_str(),
-                            b.backbone.as_str(),
-                            b.method.as_str(),
-                            b.seed,
-                        ) == (regime, backbone, reference, s.seed)
-                    })?;
-                    Some(s.dice - base.dice)
-                })
-                .collect();
-            let (delta, p) = if method == reference || diffs.is_empty() {
-                ("—".to_string(), "—".to_string())
-            } else {
-                let (m, sd) = mean_std(&diffs);
-                (
-                    format!("{:+.1} ± {:.1} pt", 100.0 * m, 100.0 * sd),
-                    paired_t_p(&diffs).map_or("—".into(), |p| format!("{p:.3}")),
-                )
-            };
-            let seeds: Vec<String> = mine.iter().map(|s| s.seed.to_string()).collect();
-            writeln!(
-                md,
-                "| {regime} | {backbone} | {method} | {} | {d:.3} ± {ds:.3} | {i:.3} ± {is:.3} | \
-                 {delta} | {p} |",
-                seeds.join(",")
-            )?;
+        for row in &section.rows {
+            writeln!(md, "| {} |", row.cells().join(" | "))?;
+        }
+        for (alt, file) in plots.of(k) {
+            write!(md, "\n![{alt}]({file})\n")?;
         }
     }
     Ok(md)

@@ -14,6 +14,7 @@ mod bench_vs_nnunet;
 mod bench_vs_torch;
 mod exp;
 mod experiment;
+mod report;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "GenSeg project recipes")]

@@ -126,4 +126,13 @@ n_val = 2
         results.contains("| 6+2 | unet | combine | 0 |"),
         "{results}"
     );
+    // The report and what it shows: the plot and each run's test cases.
+    assert!(exp.join("results.html").is_file());
+    assert!(exp.join("plots/lungs-test-dice.png").is_file());
+    for method in ["baseline", "combine"] {
+        let cases = exp.join(format!(
+            "runs/lungs-6+2-unet-{method}-s0/eval-test/cases.png"
+        ));
+        assert!(cases.is_file(), "{} missing", cases.display());
+    }
 }

@@ -448,6 +448,40 @@ impl Dataset {
         ))
     }
 
+    /// Sample `i`'s image as RGB (a gray image repeated to three channels), for figures.
+    pub fn rgb_image(&self, i: usize) -> Result<image::RgbImage> {
+        let s = self.sample(i)?;
+        let (c, h, w) = self.chw();
+        let plane = h * w;
+        Ok(image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let p = y as usize * w + x as usize;
+            image::Rgb(std::array::from_fn(|k| s.image[k.min(c - 1) * plane + p]))
+        }))
+    }
+
+    /// Sample `i`'s mask as a {0, 255} gray image, for figures.
+    pub fn mask_image(&self, i: usize) -> Result<GrayImage> {
+        let s = self.sample(i)?;
+        GrayImage::from_raw(
+            self.size.width,
+            self.size.height,
+            s.mask
+                .iter()
+                .map(|&v| if v > 0 { 255 } else { 0 })
+                .collect(),
+        )
+        .ok_or_else(|| DataError::Config(format!("sample {}: mask does not match the size", s.id)))
+    }
+
+    fn sample(&self, i: usize) -> Result<&Sample> {
+        self.samples.get(i).ok_or_else(|| {
+            DataError::Config(format!(
+                "sample index {i} out of range for a dataset of {}",
+                self.len()
+            ))
+        })
+    }
+
     /// `(channels, height, width)` of every image.
     pub fn chw(&self) -> (usize, usize, usize) {
         (
@@ -739,5 +773,35 @@ mod tests {
         );
         assert!(Dataset::from_samples(vec![s.clone()], 3, size).is_err());
         assert!(Dataset::from_samples(vec![s], 2, size).is_err());
+    }
+
+    #[test]
+    fn figures_show_a_sample_as_rgb_and_its_mask_as_0_or_255() {
+        let size = ImageSize {
+            width: 3,
+            height: 2,
+        };
+        let s = Sample {
+            id: "x".into(),
+            image: vec![0, 10, 20, 30, 40, 50],
+            mask: vec![0, 1, 1, 0, 0, 1],
+            source: None,
+        };
+        let data = Dataset::from_samples(vec![s], 1, size).unwrap();
+        let rgb = data.rgb_image(0).unwrap();
+        assert_eq!(rgb.dimensions(), (3, 2));
+        assert_eq!(rgb.get_pixel(1, 1).0, [40, 40, 40]);
+        let mask = data.mask_image(0).unwrap();
+        assert_eq!(mask.as_raw(), &vec![0, 255, 255, 0, 0, 255]);
+        let err = data.rgb_image(1).unwrap_err().to_string();
+        assert!(err.contains("index 1 out of range"), "{err}");
+        let colour = Sample {
+            id: "c".into(),
+            image: (0..18).collect(),
+            mask: vec![0; 6],
+            source: None,
+        };
+        let data = Dataset::from_samples(vec![colour], 3, size).unwrap();
+        assert_eq!(data.rgb_image(0).unwrap().get_pixel(2, 0).0, [2, 8, 14]);
     }
 }

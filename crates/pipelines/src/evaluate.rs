@@ -1,6 +1,7 @@
 //! `genseg evaluate`: scores a trained run's checkpoint on any dataset folder
 //! (in-domain test split, or a whole out-of-domain set) and writes
-//! `per_case.csv` and `summary.json`.
+//! `per_case.csv`, `summary.json` and `cases.png` (the first cases as image | truth |
+//! prediction).
 //!
 //! Predictions and masks are compared at the run's working resolution
 //! (`data.size`), as the reference does at 256 px.

@@ -7,7 +7,8 @@
 //! <run>/metrics.jsonl   one JSON line per logged step
 //! <run>/progress.png    loss and validation Dice curves
 //! <run>/best/ <run>/last/  checkpoints (best validation Dice; most recent)
-//! <run>/eval-<name>/    per_case.csv and summary.json of evaluations
+//! <run>/eval-<name>/    per_case.csv, summary.json and cases.png (image | truth |
+//!                       prediction of the first cases) of evaluations
 //! ```
 
 use std::fs::{File, OpenOptions};

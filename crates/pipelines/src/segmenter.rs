@@ -8,13 +8,16 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use genseg_backbones::SegModel;
 use genseg_backbones::evaluate::{mean_dice, score_cases};
+use genseg_backbones::metrics::binarize_logits;
 use genseg_backbones::report::{Summary, write_reports};
 use genseg_backbones::tta::MirrorTta;
 use genseg_data::dataset::Dataset;
 use genseg_data::intensity::Normalisation;
+use genseg_data::writer::{OverlayStyle, image_grid, overlay, write_image};
 use genseg_generator::pix2pix::{DISCRIMINATOR_PREFIX, GENERATOR_PREFIX};
 use genseg_nn::checkpoint::{Checkpoint, without_prefixes};
 use genseg_nn::params::ParamStore;
+use image::{DynamicImage, GrayImage, RgbImage};
 
 use crate::config::RunConfig;
 use crate::learner::LoopEnd;
@@ -147,7 +150,55 @@ pub fn evaluate_model(
     checkpoint_label: &str,
 ) -> Result<Summary> {
     let cases = score_cases(model, data, cfg.train.batch_size, &cfg.eval, device)?;
-    write_reports(out, &cases, &cfg.eval, dataset_label, checkpoint_label)
+    let summary = write_reports(out, &cases, &cfg.eval, dataset_label, checkpoint_label)?;
+    write_case_figure(model, data, device, out)?;
+    Ok(summary)
+}
+
+/// Cases drawn into every evaluation's `cases.png`: the first ones of the evaluated set,
+/// so that every method's runs on one split show the same cases.
+pub const FIGURE_CASES: usize = 4;
+
+/// Draws the first [`FIGURE_CASES`] cases of `data` into `out/cases.png`, one row each:
+/// image | truth (green) | prediction (red).
+pub fn write_case_figure(
+    model: &dyn SegModel,
+    data: &Dataset,
+    device: &Device,
+    out: &Path,
+) -> Result<()> {
+    let indices: Vec<usize> = (0..data.len().min(FIGURE_CASES)).collect();
+    if indices.is_empty() {
+        return Ok(());
+    }
+    let (x, _) = data.batch(&indices, device)?;
+    let predictions = binarize_logits(&model.forward_t(&x, false)?)?;
+    let truth_style = OverlayStyle::Fill {
+        color: [0, 190, 0],
+        alpha: 0.45,
+    };
+    let rows = indices
+        .iter()
+        .zip(&predictions)
+        .map(|(&i, p)| -> Result<Vec<RgbImage>> {
+            let image = data.rgb_image(i)?;
+            let truth = data.mask_image(i)?;
+            let predicted = GrayImage::from_raw(
+                p.width as u32,
+                p.height as u32,
+                p.pixels.iter().map(|&f| if f { 255 } else { 0 }).collect(),
+            )
+            .context("a prediction has the image's size")?;
+            let truth = overlay(&image, &truth, truth_style)?;
+            let predicted = overlay(&image, &predicted, OverlayStyle::default())?;
+            Ok(vec![image, truth, predicted])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    write_image(
+        &out.join("cases.png"),
+        &DynamicImage::ImageRgb8(image_grid(&rows, 2)?),
+    )?;
+    Ok(())
 }
 
 /// Logs the end of a segmentation run and, unless interrupted, scores `best/` on the test
