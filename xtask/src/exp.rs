@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use genseg_pipelines::manifest::{self, Action, RunSpec, Step};
 use serde::Deserialize;
 
-use crate::experiment::{Variant, s};
+use crate::experiment::{Variant, pretrain_args, s};
 
 /// A recipe file.
 #[derive(Debug, Deserialize)]
@@ -203,35 +203,29 @@ impl Recipe {
             self.profile.clone(),
         ];
         let mut steps = Vec::new();
-        let mut train: Vec<String> = vec!["train".into()];
-        train.extend(common.iter().cloned());
-        train.extend(["--method".into(), variant.method.clone()]);
-        if variant.strong {
-            train.extend(["--recipe".into(), "strong".into()]);
-        }
+        let mut generator = None;
         if variant.uses_generator() {
             // Its own generator, so that runs stay independent (pre-training is
             // deterministic: the runs of one seed get the same generator).
-            let generator = out.join("runs").join(format!("{name}.generator"));
+            let dir = out.join("runs").join(format!("{name}.generator"));
             let mut pretrain: Vec<String> = vec!["pretrain-generator".into()];
-            pretrain.extend(common.iter().cloned());
-            pretrain.extend(["--out".into(), s(&generator)]);
-            for kv in &self.pretrain_sets {
-                pretrain.extend(["--set".into(), kv.clone()]);
-            }
+            pretrain.extend(pretrain_args(&common, &dir, &self.pretrain_sets));
             steps.push(Step {
                 args: pretrain,
-                resume: Some(generator.clone()),
+                resume: Some(dir.clone()),
                 // Once the segmentation run is scored its generator is not needed again.
                 done: Some(test_summary.clone()),
             });
-            train.extend(["--generator".into(), s(&generator)]);
+            generator = Some(dir);
         }
-        train.extend(["--out".into(), s(&dir)]);
-        train.extend(["--set".into(), format!("model.kind=\"{backbone}\"")]);
-        for kv in &self.sets {
-            train.extend(["--set".into(), kv.clone()]);
-        }
+        let backbone_set = format!("model.kind=\"{backbone}\"");
+        let mut train: Vec<String> = vec!["train".into()];
+        train.extend(variant.train_args(
+            &common,
+            generator.as_deref(),
+            &dir,
+            std::iter::once(&backbone_set).chain(&self.sets),
+        ));
         steps.push(Step {
             args: train,
             resume: Some(dir.clone()),

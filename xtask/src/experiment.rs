@@ -86,6 +86,31 @@ impl Variant {
         Ok(variant)
     }
 
+    /// The arguments of `genseg train` after the data flags (`common`): the method, the
+    /// recipe, the generator, the run folder and the `--set` overrides `sets` (the plan's,
+    /// then the variant's own).
+    pub fn train_args<'a>(
+        &self,
+        common: &[String],
+        generator: Option<&Path>,
+        out: &Path,
+        sets: impl IntoIterator<Item = &'a String>,
+    ) -> Vec<String> {
+        let mut args = common.to_vec();
+        args.extend(["--method".into(), self.method.clone()]);
+        if self.strong {
+            args.extend(["--recipe".into(), "strong".into()]);
+        }
+        if let Some(generator) = generator.filter(|_| self.uses_generator()) {
+            args.extend(["--generator".into(), s(generator)]);
+        }
+        args.extend(["--out".into(), s(out)]);
+        for kv in sets.into_iter().cloned().chain(self.sets.iter().cloned()) {
+            args.extend(["--set".into(), kv]);
+        }
+        args
+    }
+
     pub fn uses_generator(&self) -> bool {
         self.method == "separate" || self.method == "genseg"
     }
@@ -123,6 +148,16 @@ fn variants(plan: &Plan) -> Result<Vec<Variant>> {
         all.extend(ablated);
     }
     Ok(all)
+}
+
+/// The arguments of `genseg pretrain-generator` after the data flags (`common`).
+pub(crate) fn pretrain_args(common: &[String], out: &Path, sets: &[String]) -> Vec<String> {
+    let mut args = common.to_vec();
+    args.extend(["--out".into(), s(out)]);
+    for kv in sets {
+        args.extend(["--set".into(), kv.clone()]);
+    }
+    args
 }
 
 /// What every multi-seed recipe (`experiment`, `bench-vs-nnunet`) is run on and where it
@@ -267,31 +302,12 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
     for &seed in &plan.study.seeds {
         let pix2pix = plan.study.out.join(format!("pix2pix-s{seed}"));
         if variants.iter().any(Variant::uses_generator) {
-            let mut args = common(seed);
-            args.extend(["--out".into(), s(&pix2pix)]);
-            for kv in &plan.pretrain_sets {
-                args.extend(["--set".into(), kv.clone()]);
-            }
+            let args = pretrain_args(&common(seed), &pix2pix, &plan.pretrain_sets);
             train_or_resume(&bin, "pretrain-generator", &pix2pix, None, &args)?;
         }
         for variant in &variants {
             let run = plan.study.out.join(format!("{}-s{seed}", variant.name));
-            let mut args = common(seed);
-            args.extend([
-                "--method".into(),
-                variant.method.clone(),
-                "--out".into(),
-                s(&run),
-            ]);
-            if variant.strong {
-                args.extend(["--recipe".into(), "strong".into()]);
-            }
-            if variant.uses_generator() {
-                args.extend(["--generator".into(), s(&pix2pix)]);
-            }
-            for kv in plan.sets.iter().chain(&variant.sets) {
-                args.extend(["--set".into(), kv.clone()]);
-            }
+            let args = variant.train_args(&common(seed), Some(&pix2pix), &run, &plan.sets);
             let test_summary = run.join("eval-test").join("summary.json");
             train_or_resume(&bin, "train", &run, Some(&test_summary), &args)?;
             let ood_dice = match &plan.study.ood {
