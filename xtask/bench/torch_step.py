@@ -11,9 +11,17 @@ Networks, mirrored layer for layer (the parameter counts must equal genseg's):
   softmax(alpha)-weighted sum of the three candidate kernels (4x4, 6x6, 8x8) zero-padded to
   8x8 and centred; plain 4x4 stride-2 down convolutions; pix2pix init N(0, 0.02).
 
-FLOPs are counted by torch itself (FlopCounterMode, convolutions only) on one forward and
-multiplied by 3 for forward + backward, the convention of genseg's count, so the two
-counts check each other.
+- deeplabv3_r50: crates/backbones/src/deeplab.rs, i.e. torchvision's
+  deeplabv3_resnet50(num_classes=1, aux_loss=False) itself; 1-channel images repeated to 3.
+- swin_unet: crates/backbones/src/swin_unet.rs, i.e. Swin-Unet's SwinTransformerSys
+  (HuCaoFighting/Swin-Unet, "expand_first") at the reference configuration, written out
+  below; 1-channel images repeated to 3. Input 224.
+
+FLOPs are counted by torch itself (FlopCounterMode) on one forward and multiplied by 3 for
+forward + backward, the convention of genseg's count. For unet and pix2pix only the
+convolutions are counted, so the two counts check each other; for deeplabv3_r50 and
+swin_unet every op FlopCounterMode knows (conv, mm, addmm, bmm, ...) is, and genseg does
+not cross-check them ("flop_counted" in the JSON says which).
 """
 
 import argparse
@@ -194,15 +202,238 @@ def pix2pix_init(net):
             nn.init.zeros_(m.bias)
 
 
+# ------------------------------------------------- Swin-Unet (swin_unet.rs)
+
+SWIN = dict(patch=4, embed=96, depths=(2, 2, 2, 2), heads=(3, 6, 12, 24), window=7,
+            mlp_ratio=4, drop_path=0.2, image_size=224)
+
+
+def drop_path(x, p, training):
+    """timm's per-sample stochastic depth (scaled by 1 / keep)."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype)).floor_()
+    return x.div(keep) * mask
+
+
+def window_partition(x, ws):
+    """[B, H, W, C] -> [B * nW, ws * ws, C]."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws * ws, c)
+
+
+def window_reverse(windows, ws, h, w):
+    c = windows.shape[-1]
+    b = windows.shape[0] // ((h // ws) * (w // ws))
+    x = windows.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim, window, heads):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        side = 2 * window - 1
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(side * side, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
+                                            indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+        self.register_buffer("relative_position_index", rel[..., 0] * side + rel[..., 1])
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x, mask=None):
+        bw, n, c = x.shape
+        qkv = self.qkv(x).reshape(bw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+        attn = q @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        attn = attn + bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            attn = attn.view(bw // nw, nw, self.heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.heads, n, n)
+        attn = attn.softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(bw, n, c))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, resolution, heads, window, shift, dpr):
+        super().__init__()
+        if resolution <= window:  # one window of the whole side, no shift
+            window, shift = resolution, 0
+        self.resolution, self.window, self.shift, self.dpr = resolution, window, shift, dpr
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, SWIN["mlp_ratio"] * dim), nn.GELU(),
+                                 nn.Linear(SWIN["mlp_ratio"] * dim, dim))
+        mask = None
+        if shift > 0:
+            img = torch.zeros(1, resolution, resolution, 1)
+            cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+            for region, (hs, ws) in enumerate((hs, ws) for hs in cuts for ws in cuts):
+                img[:, hs, ws, :] = region
+            m = window_partition(img, window).squeeze(-1)
+            mask = m.unsqueeze(1) - m.unsqueeze(2)
+            mask = mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+        self.register_buffer("attn_mask", mask)
+
+    def forward(self, x):
+        b, l, c = x.shape
+        r = self.resolution
+        y = self.norm1(x).view(b, r, r, c)
+        if self.shift > 0:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        y = window_reverse(self.attn(window_partition(y, self.window), self.attn_mask),
+                           self.window, r, r)
+        if self.shift > 0:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x + drop_path(y.reshape(b, l, c), self.dpr, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.dpr, self.training)
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim, resolution):
+        super().__init__()
+        self.resolution = resolution
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x):
+        b, _, c = x.shape
+        x = x.view(b, self.resolution, self.resolution, c)
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
+                      -1)
+        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+
+
+class PatchExpand(nn.Module):
+    """PatchExpand (scale 2: linear C -> 2C, C/2 out) and FinalPatchExpand_X4 (scale 4:
+    linear C -> 16C, C out); 'b h w (p1 p2 c) -> b (h p1) (w p2) c', then LayerNorm."""
+
+    def __init__(self, dim, resolution, scale):
+        super().__init__()
+        self.resolution, self.scale = resolution, scale
+        self.out_dim = dim // 2 if scale == 2 else dim
+        self.expand = nn.Linear(dim, scale * scale * self.out_dim, bias=False)
+        self.norm = nn.LayerNorm(self.out_dim)
+
+    def forward(self, x):
+        b = x.shape[0]
+        r, s, c = self.resolution, self.scale, self.out_dim
+        x = self.expand(x).view(b, r, r, s, s, c).permute(0, 1, 3, 2, 4, 5)
+        return self.norm(x.reshape(b, -1, c))
+
+
+class SwinStage(nn.Module):
+    """BasicLayer / BasicLayer_up: the blocks, then an optional down- or up-sampling."""
+
+    def __init__(self, dim, resolution, depth, heads, dprs, sample=None):
+        super().__init__()
+        w = SWIN["window"]
+        self.blocks = nn.ModuleList(SwinBlock(dim, resolution, heads, w, 0 if j % 2 == 0
+                                              else w // 2, dprs[j]) for j in range(depth))
+        self.sample = sample
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x if self.sample is None else self.sample(x)
+
+
+class SwinUnet(nn.Module):
+    def __init__(self, in_channels, out_channels=1):
+        super().__init__()
+        e, depths, heads = SWIN["embed"], SWIN["depths"], SWIN["heads"]
+        stages, res0 = len(depths), SWIN["image_size"] // SWIN["patch"]
+        self.repeat = in_channels == 1
+        self.side = SWIN["image_size"]
+        self.patch_embed = nn.Conv2d(3 if self.repeat else in_channels, e, SWIN["patch"],
+                                     stride=SWIN["patch"])
+        self.patch_norm = nn.LayerNorm(e)
+        dpr = torch.linspace(0, SWIN["drop_path"], sum(depths)).tolist()
+        rates = lambda i: dpr[sum(depths[:i]):sum(depths[:i + 1])]  # noqa: E731
+        self.layers = nn.ModuleList(
+            SwinStage(e << i, res0 >> i, depths[i], heads[i], rates(i),
+                      PatchMerging(e << i, res0 >> i) if i + 1 < stages else None)
+            for i in range(stages))
+        self.norm = nn.LayerNorm(e << (stages - 1))
+        self.layers_up = nn.ModuleList([PatchExpand(e << (stages - 1), res0 >> (stages - 1), 2)])
+        self.concat_back_dim = nn.ModuleList([nn.Identity()])
+        for i in range(1, stages):
+            s = stages - 1 - i
+            self.concat_back_dim.append(nn.Linear(2 * (e << s), e << s))
+            self.layers_up.append(SwinStage(e << s, res0 >> s, depths[s], heads[s], rates(s),
+                                            PatchExpand(e << s, res0 >> s, 2)
+                                            if i + 1 < stages else None))
+        self.norm_up = nn.LayerNorm(e)
+        self.up = PatchExpand(e, res0, SWIN["patch"])
+        self.output = nn.Conv2d(e, out_channels, 1, bias=False)
+        for m in self.modules():  # the reference's _init_weights
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, images):
+        x = images.repeat(1, 3, 1, 1) if self.repeat else images
+        x = self.patch_norm(self.patch_embed(x).flatten(2).transpose(1, 2))
+        skips = []
+        for layer in self.layers:
+            skips.append(x)
+            x = layer(x)
+        x = self.norm(x)
+        for i, layer in enumerate(self.layers_up):
+            if i > 0:
+                x = self.concat_back_dim[i](torch.cat([x, skips[len(skips) - 1 - i]], -1))
+            x = layer(x)
+        x = self.up(self.norm_up(x))
+        b, e = x.shape[0], x.shape[-1]
+        return self.output(x.view(b, self.side, self.side, e).permute(0, 3, 1, 2))
+
+
+# ------------------------------------------- DeepLabV3-ResNet50 (deeplab.rs), torchvision
+
+
+class DeepLabV3R50(nn.Module):
+    def __init__(self, in_channels):
+        super().__init__()
+        from torchvision.models.segmentation import deeplabv3_resnet50
+
+        self.repeat = in_channels == 1
+        self.net = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=1,
+                                      aux_loss=False)
+
+    def forward(self, images):
+        return self.net(images.repeat(1, 3, 1, 1) if self.repeat else images)["out"]
+
+
 # ------------------------------------------------------------------------ the step
+
+
+# Segmenters: (channels, base) -> network, trained on (images, masks) with the lungs loss.
+SEGMENTERS = {
+    "unet": lambda c, base: UNet(c, base),
+    "deeplabv3_r50": lambda c, _base: DeepLabV3R50(c),
+    "swin_unet": lambda c, _base: SwinUnet(c),
+}
+# Models whose FLOP count is every op's, not the convolutions' only.
+ALL_FLOP_MODELS = {"deeplabv3_r50", "swin_unet"}
 
 
 def build(args):
     """The model, its fixed batch and a closure computing the training loss."""
     b, c, s = args.batch, args.channels, args.size
     masks = (torch.rand(b, 1, s, s) >= 0.5).float()
-    if args.model == "unet":
-        model = UNet(c, args.base)
+    if args.model in SEGMENTERS:
+        model = SEGMENTERS[args.model](c, args.base)
         images = torch.rand(b, c, s, s)
         return model, images, lambda out: lungs_loss(out, masks)
     model = Pix2PixGenerator(1, c, args.base, s)
@@ -210,18 +441,21 @@ def build(args):
     return model, masks, lambda out: (out - targets).abs().mean()
 
 
-def forward_conv_flop(model, inputs):
+def forward_flop(model, inputs, all_ops):
+    """One forward and its FLOPs: the convolutions', or with `all_ops` every op's."""
     counter = FlopCounterMode(display=False)
     with counter:
         out = model(inputs)
     counts = counter.get_flop_counts().get("Global", {})
-    return out, sum(v for op, v in counts.items() if "convolution" in str(op))
+    return out, sum(v for op, v in counts.items() if all_ops or "convolution" in str(op))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["unet", "pix2pix"], required=True)
-    parser.add_argument("--base", type=int, default=64)
+    parser.add_argument("--model", required=True,
+                        choices=["unet", "pix2pix", "deeplabv3_r50", "swin_unet"])
+    parser.add_argument("--base", type=int, default=64,
+                        help="base width (unet, pix2pix); ignored by the others")
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
@@ -234,6 +468,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, inputs, loss_of = build(args)
+    all_ops = args.model in ALL_FLOP_MODELS
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
 
@@ -241,7 +476,7 @@ def main():
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         if count_flop:
-            out, flop = forward_conv_flop(model, inputs)
+            out, flop = forward_flop(model, inputs, all_ops)
         else:
             out, flop = model(inputs), None
         loss_of(out).backward()
@@ -250,12 +485,12 @@ def main():
 
     # Count on the first warm-up step (untimed); without one, on a separate forward.
     if args.warmup > 0:
-        forward_flop = step(count_flop=True)[1]
+        flop = step(count_flop=True)[1]
         for _ in range(args.warmup - 1):
             step()
     else:
         with torch.no_grad():
-            forward_flop = forward_conv_flop(model, inputs)[1]
+            flop = forward_flop(model, inputs, all_ops)[1]
     step_seconds = [step()[0] for _ in range(args.steps)]
 
     config = {k: getattr(args, k) for k in
@@ -268,7 +503,8 @@ def main():
         "step_seconds": step_seconds,
         # ru_maxrss is in KiB on Linux.
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "gflop_per_step": 3 * forward_flop / 1e9,
+        "gflop_per_step": 3 * flop / 1e9,
+        "flop_counted": "all" if all_ops else "convolutions",
         "torch_version": torch.__version__,
     }))
 

@@ -29,8 +29,9 @@ struct BenchConfig {
     batch: usize,
 }
 
-/// The configs of the issue: the paper UNet, the cpu-profile UNet, the reference generator.
-const CONFIGS: [BenchConfig; 3] = [
+/// The configs of the issues: the paper UNet, the cpu-profile UNet, the reference
+/// generator, and the reference DeepLabV3 and Swin-Unet backbones at their paper sizes.
+const CONFIGS: [BenchConfig; 5] = [
     BenchConfig {
         name: "unet-b64-3x256-b4",
         model: "unet",
@@ -53,6 +54,22 @@ const CONFIGS: [BenchConfig; 3] = [
         base: 64,
         channels: 1,
         size: 256,
+        batch: 2,
+    },
+    BenchConfig {
+        name: "deeplabv3-r50-3x256-b2",
+        model: "deeplabv3_r50",
+        base: 0,
+        channels: 3,
+        size: 256,
+        batch: 2,
+    },
+    BenchConfig {
+        name: "swin_unet-3x224-b2",
+        model: "swin_unet",
+        base: 0,
+        channels: 3,
+        size: 224,
         batch: 2,
     },
 ];
@@ -80,7 +97,8 @@ struct RunReport {
     threads: u64,
     step_seconds: Vec<f64>,
     peak_rss_bytes: u64,
-    gflop_per_step: f64,
+    /// `None` where the side does not count (genseg's DeepLab and Swin-Unet).
+    gflop_per_step: Option<f64>,
     torch_version: Option<String>,
 }
 
@@ -109,7 +127,7 @@ impl RunReport {
             threads: number("threads")? as u64,
             step_seconds,
             peak_rss_bytes: number("peak_rss_bytes")? as u64,
-            gflop_per_step: number("gflop_per_step")?,
+            gflop_per_step: v["gflop_per_step"].as_f64(),
             torch_version: v["torch_version"].as_str().map(str::to_string),
         })
     }
@@ -122,7 +140,7 @@ struct SideResult {
     /// The largest peak over the runs.
     peak_rss_bytes: u64,
     params: u64,
-    gflop_per_step: f64,
+    gflop_per_step: Option<f64>,
 }
 
 impl SideResult {
@@ -148,8 +166,9 @@ impl SideResult {
         format!("{:.3} ({min:.3}-{max:.3})", self.median_seconds())
     }
 
-    fn gflop_per_second(&self) -> f64 {
-        self.gflop_per_step / self.median_seconds()
+    /// Throughput at `gflop` per step.
+    fn gflop_per_second(&self, gflop: f64) -> f64 {
+        gflop / self.median_seconds()
     }
 
     fn peak_mib(&self) -> f64 {
@@ -163,6 +182,18 @@ struct ConfigResult {
     torch: SideResult,
 }
 
+impl ConfigResult {
+    /// GFLOP per step for the throughput columns: genseg's convolution count, or for
+    /// networks it does not count PyTorch's count of every op, marked `*`.
+    fn gflop(&self) -> (f64, &'static str) {
+        match (self.genseg.gflop_per_step, self.torch.gflop_per_step) {
+            (Some(g), _) => (g, ""),
+            (None, Some(t)) => (t, "*"),
+            (None, None) => (f64::NAN, ""),
+        }
+    }
+}
+
 /// Runs the plan and prints two lines per config (see the module docs).
 pub fn run(root: &Path, plan: &Plan) -> Result<()> {
     if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") {
@@ -173,7 +204,11 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
         "--runs, --steps and --threads must be positive"
     );
     let configs = select(&plan.configs)?;
-    let python = ensure_venv(root, "import torch, numpy", &["torch", "numpy"])?;
+    let python = ensure_venv(
+        root,
+        "import torch, torchvision, numpy",
+        &["torch", "torchvision", "numpy"],
+    )?;
     let genseg = build_genseg(root)?;
     let script = root.join("xtask/bench/torch_step.py");
     let threads = plan.threads.to_string();
@@ -318,7 +353,11 @@ fn check_same_network(name: &str, genseg: &RunReport, torch: &RunReport) -> Resu
             torch.params
         );
     }
-    let (g, t) = (genseg.gflop_per_step, torch.gflop_per_step);
+    // genseg counts only the UNet's and the generator's convolutions; for the other
+    // networks the parameter counts are the check.
+    let (Some(g), Some(t)) = (genseg.gflop_per_step, torch.gflop_per_step) else {
+        return Ok(());
+    };
     if (g - t).abs() > 1e-6 * g.max(t) {
         bail!(
             "{name}: FLOP COUNTS DIFFER: genseg {g} vs torch {t} GFLOP per step; \
@@ -332,6 +371,7 @@ fn check_same_network(name: &str, genseg: &RunReport, torch: &RunReport) -> Resu
 /// throughput.
 fn summary_lines(r: &ConfigResult) -> [String; 2] {
     let (g, t) = (&r.genseg, &r.torch);
+    let (gflop, mark) = r.gflop();
     [
         format!(
             "{}: genseg {:.3} s, torch {:.3} s, ratio {:.2}",
@@ -342,13 +382,13 @@ fn summary_lines(r: &ConfigResult) -> [String; 2] {
         ),
         format!(
             "  peak memory: genseg {:.0} MiB, torch {:.0} MiB, ratio {:.2}; \
-             GFLOP/s: genseg {:.1}, torch {:.1} ({:.1} GFLOP per step, {} parameters)",
+             GFLOP/s: genseg {:.1}, torch {:.1} ({gflop:.1}{mark} GFLOP per step, {} \
+             parameters)",
             g.peak_mib(),
             t.peak_mib(),
             g.peak_mib() / t.peak_mib(),
-            g.gflop_per_second(),
-            t.gflop_per_second(),
-            g.gflop_per_step,
+            g.gflop_per_second(gflop),
+            t.gflop_per_second(gflop),
             g.params
         ),
     ]
@@ -361,8 +401,9 @@ fn markdown(results: &[ConfigResult], plan: &Plan, torch_version: &str) -> Strin
         "`cargo xtask bench-vs-torch --runs {} --steps {} --warmup {} --threads {}`; \
          PyTorch {torch_version}; f32, {} threads each side. Forward, backward and Adam \
          step; step times are medians over runs x steps (min-max in brackets), peak \
-         memory the largest peak resident set of the runs, GFLOP 2 x the convolutions' multiply-accumulates of the \
-         forward x 3.\n",
+         memory the largest peak resident set of the runs, GFLOP 2 x the convolutions' \
+         multiply-accumulates of the forward x 3 (marked *: PyTorch's FlopCounterMode count \
+         of every op of the forward x 3, where genseg does not count).\n",
         plan.runs, plan.steps, plan.warmup, plan.threads, plan.threads
     );
     md.push_str(
@@ -372,20 +413,20 @@ fn markdown(results: &[ConfigResult], plan: &Plan, torch_version: &str) -> Strin
     md.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in results {
         let (g, t) = (&r.genseg, &r.torch);
+        let (gflop, mark) = r.gflop();
         let _ = writeln!(
             md,
-            "| {} | {} | {:.1} | {} | {} | {:.2} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} |",
+            "| {} | {} | {gflop:.1}{mark} | {} | {} | {:.2} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} |",
             r.name,
             g.params,
-            g.gflop_per_step,
             g.seconds_cell(),
             t.seconds_cell(),
             g.median_seconds() / t.median_seconds(),
             g.peak_mib(),
             t.peak_mib(),
             g.peak_mib() / t.peak_mib(),
-            g.gflop_per_second(),
-            t.gflop_per_second()
+            g.gflop_per_second(gflop),
+            t.gflop_per_second(gflop)
         );
     }
     md
@@ -436,5 +477,12 @@ mod tests {
         let err = check_same_network("x", &g, &t).unwrap_err().to_string();
         assert!(err.contains("PARAMETER COUNTS DIFFER"), "{err}");
         assert!(check_same_network("x", &g, &g).is_ok());
+        let t = RunReport::parse(&line.replace("3.5", "3.6")).unwrap();
+        let err = check_same_network("x", &g, &t).unwrap_err().to_string();
+        assert!(err.contains("FLOP COUNTS DIFFER"), "{err}");
+        // A side that does not count FLOPs leaves the parameter count as the check.
+        let uncounted = RunReport::parse(&line.replace("3.5", "null")).unwrap();
+        assert_eq!(uncounted.gflop_per_step, None);
+        assert!(check_same_network("x", &uncounted, &t).is_ok());
     }
 }

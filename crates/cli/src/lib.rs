@@ -31,7 +31,7 @@ pub mod names {
     /// `--postprocess` ([`genseg_pipelines::config::PostChoice`]).
     pub const POSTPROCESS: &[&str] = &["auto", "min_max", "xray", "rgb"];
     /// `--model` of bench-step ([`genseg_pipelines::bench_step::BenchModel`]).
-    pub const BENCH_MODEL: &[&str] = &["unet", "pix2pix"];
+    pub const BENCH_MODEL: &[&str] = &["unet", "pix2pix", "deeplabv3_r50", "swin_unet"];
 }
 
 /// A clap value parser for a config enum: accepts exactly `names` (shown in `--help`) and

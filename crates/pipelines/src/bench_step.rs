@@ -7,6 +7,11 @@
 //! - [`BenchModel::Unet`]: [`UNet`] at depth 4 with transposed-conv up-sampling, base width
 //!   `base`, `channels` input channels, on uniform `[0, 1)` images and random binary masks,
 //!   with the reference lungs loss (BCE + batch Dice, [`SegLoss::lungs`]).
+//! - [`BenchModel::Deeplabv3R50`]: [`DeepLab`] with its default (reference) configuration,
+//!   torchvision's `deeplabv3_resnet50` (ResNet-50, output stride 8, no auxiliary head),
+//!   `channels` input channels (1 is repeated to 3), with the lungs loss.
+//! - [`BenchModel::SwinUnet`]: [`SwinUnet`] with its default (reference) configuration
+//!   built for `size` px (the reference's 224), with the lungs loss.
 //! - [`BenchModel::Pix2pix`]: the mask-to-image [`Pix2PixGenerator`] with its default
 //!   searchable (fused) up cells, `ngf = base`, built for `size` px, mapping a random binary
 //!   mask to a `channels`-channel image, in train mode (BatchNorm batch statistics, dropout
@@ -19,14 +24,17 @@
 //! FLOP convention: `2 ×` the multiply-accumulates of the forward's convolutions and
 //! transposed convolutions ([`UNetConfig::conv_macs`], [`GeneratorConfig::conv_macs`]),
 //! `× 3` for forward plus backward (input and weight gradients), per step. BatchNorm,
-//! activations, pooling, the loss and the optimizer are not counted.
+//! activations, pooling, the loss and the optimizer are not counted. DeepLab and
+//! Swin-Unet report no count (`None`): the comparison checks their parameter counts only.
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use genseg_backbones::SegModel;
+use genseg_backbones::deeplab::{DeepLab, DeepLabConfig};
 use genseg_backbones::loss::SegLoss;
+use genseg_backbones::swin_unet::{SwinUnet, SwinUnetConfig};
 use genseg_backbones::unet::{UNet, UNetConfig};
 use genseg_generator::generator::{GeneratorConfig, Pix2PixGenerator};
 use genseg_nn::optim::{Adam, AdamConfig, Optimizer};
@@ -45,6 +53,11 @@ pub enum BenchModel {
     Unet,
     /// The pix2pix mask-to-image generator.
     Pix2pix,
+    /// DeepLabV3 on ResNet-50 (torchvision's `deeplabv3_resnet50`).
+    #[serde(rename = "deeplabv3_r50")]
+    Deeplabv3R50,
+    /// Swin-Unet (Swin-T).
+    SwinUnet,
 }
 
 /// What to time (see the module docs).
@@ -52,10 +65,10 @@ pub enum BenchModel {
 pub struct StepBenchConfig {
     /// The network trained.
     pub model: BenchModel,
-    /// UNet base width, or the generator's `ngf`.
+    /// UNet base width, or the generator's `ngf` (unused by DeepLab and Swin-Unet).
     pub base: usize,
-    /// UNet input channels, or the generator's output (image) channels; its input is a
-    /// one-channel mask.
+    /// The segmenter's input channels, or the generator's output (image) channels; its
+    /// input is a one-channel mask.
     pub channels: usize,
     /// Square image side in pixels.
     pub size: usize,
@@ -84,14 +97,14 @@ pub struct StepBenchReport {
     pub step_seconds: Vec<f64>,
     /// The process's peak resident memory (`VmHWM`), where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
-    /// Convolution GFLOP per step (module docs).
-    pub gflop_per_step: f64,
+    /// Convolution GFLOP per step (module docs); `None` where not counted.
+    pub gflop_per_step: Option<f64>,
 }
 
 /// A network with its fixed batch.
 enum Workload {
-    Unet {
-        model: UNet,
+    Segmenter {
+        model: Box<dyn SegModel>,
         images: Tensor,
         masks: Tensor,
         loss: SegLoss,
@@ -101,20 +114,32 @@ enum Workload {
         masks: Tensor,
         targets: Tensor,
         /// Draws the dropout masks, fresh each step.
-        rng: SeededRng,
+        rng: Box<SeededRng>,
     },
 }
 
 impl Workload {
     /// Builds the network into `store` and draws its batch; also returns the forward's
-    /// convolution multiply-accumulates for the whole batch.
-    fn new(cfg: &StepBenchConfig, store: &ParamStore, rng: &mut SeededRng) -> Result<(Self, u64)> {
+    /// convolution multiply-accumulates for the whole batch, where counted.
+    fn new(
+        cfg: &StepBenchConfig,
+        store: &ParamStore,
+        rng: &mut SeededRng,
+    ) -> Result<(Self, Option<u64>)> {
         let device = store.device();
         let (b, c, s) = (cfg.batch, cfg.channels, cfg.size);
         let binary_mask = |rng: &mut SeededRng| -> Result<Tensor> {
             Ok(uniform(rng, (b, 1, s, s), 0.0, 1.0, DType::F32, device)?
                 .ge(0.5)?
                 .to_dtype(DType::F32)?)
+        };
+        let segmenter = |model: Box<dyn SegModel>, rng: &mut SeededRng| -> Result<Self> {
+            Ok(Self::Segmenter {
+                model,
+                images: uniform(rng, (b, c, s, s), 0.0, 1.0, DType::F32, device)?,
+                masks: binary_mask(rng)?,
+                loss: SegLoss::lungs(),
+            })
         };
         match cfg.model {
             BenchModel::Unet => {
@@ -124,13 +149,25 @@ impl Workload {
                     ..UNetConfig::default()
                 };
                 let macs = unet_cfg.conv_macs(s, s);
-                let workload = Self::Unet {
-                    model: UNet::new(&unet_cfg, store.var_builder())?,
-                    images: uniform(rng, (b, c, s, s), 0.0, 1.0, DType::F32, device)?,
-                    masks: binary_mask(rng)?,
-                    loss: SegLoss::lungs(),
+                let model = Box::new(UNet::new(&unet_cfg, store.var_builder())?);
+                Ok((segmenter(model, rng)?, Some(macs * b as u64)))
+            }
+            BenchModel::Deeplabv3R50 => {
+                let deeplab_cfg = DeepLabConfig {
+                    in_channels: c,
+                    ..DeepLabConfig::default()
                 };
-                Ok((workload, macs * b as u64))
+                let model = Box::new(DeepLab::new(&deeplab_cfg, store.var_builder())?);
+                Ok((segmenter(model, rng)?, None))
+            }
+            BenchModel::SwinUnet => {
+                let swin_cfg = SwinUnetConfig {
+                    in_channels: c,
+                    image_size: s,
+                    ..SwinUnetConfig::default()
+                };
+                let model = Box::new(SwinUnet::new(&swin_cfg, store.var_builder())?);
+                Ok((segmenter(model, rng)?, None))
             }
             BenchModel::Pix2pix => {
                 let gen_cfg = GeneratorConfig {
@@ -144,9 +181,9 @@ impl Workload {
                     model: Box::new(Pix2PixGenerator::new(&gen_cfg, store.var_builder())?),
                     masks: binary_mask(rng)?,
                     targets: uniform(rng, (b, c, s, s), -1.0, 1.0, DType::F32, device)?,
-                    rng: rng.fork(1),
+                    rng: Box::new(rng.fork(1)),
                 };
-                Ok((workload, macs * b as u64))
+                Ok((workload, Some(macs * b as u64)))
             }
         }
     }
@@ -154,7 +191,7 @@ impl Workload {
     /// The training-mode forward pass and its scalar loss.
     fn loss(&mut self) -> Result<Tensor> {
         Ok(match self {
-            Self::Unet {
+            Self::Segmenter {
                 model,
                 images,
                 masks,
@@ -212,7 +249,7 @@ pub fn bench_step(cfg: &StepBenchConfig, device: &Device) -> Result<StepBenchRep
         threads: candle_core::utils::get_num_threads(),
         step_seconds,
         peak_rss_bytes: peak_rss_bytes(),
-        gflop_per_step: 3.0 * 2.0 * batch_macs as f64 / 1e9,
+        gflop_per_step: batch_macs.map(|macs| 3.0 * 2.0 * macs as f64 / 1e9),
     })
 }
 
@@ -256,7 +293,31 @@ mod tests {
             let report = bench_step(&cfg, &Device::Cpu)?;
             assert_eq!(report.step_seconds.len(), 2);
             assert!(report.step_seconds.iter().all(|s| *s > 0.0));
-            assert!(report.params > 0 && report.gflop_per_step > 0.0);
+            assert!(report.params > 0 && report.gflop_per_step.is_some_and(|g| g > 0.0));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_reference_backbones_have_torchvisions_and_swin_unets_parameter_counts() -> Result<()> {
+        // DeepLab's image-pooling BatchNorm needs two images in train mode (as PyTorch's).
+        for (model, size, batch, params) in [
+            (BenchModel::Deeplabv3R50, 32, 2, 39_633_729),
+            (BenchModel::SwinUnet, 224, 1, 27_168_132),
+        ] {
+            let cfg = StepBenchConfig {
+                model,
+                base: 0,
+                channels: 1,
+                size,
+                batch,
+                steps: 1,
+                warmup: 0,
+                seed: 0,
+            };
+            let report = bench_step(&cfg, &Device::Cpu)?;
+            assert_eq!(report.params, params, "{model:?}");
+            assert_eq!(report.gflop_per_step, None);
         }
         Ok(())
     }
