@@ -441,7 +441,11 @@ mod tests {
             let color = series_color(k);
             assert!(count_color(&bars, color, left.clone()) > 1000, "series {k}");
             let n = count_color(&bars, color, right.clone());
-            assert_eq!(n > 1000, in_right, "series {k}: {n} pixels in the second group");
+            assert_eq!(
+                n > 1000,
+                in_right,
+                "series {k}: {n} pixels in the second group"
+            );
             // Each series has its legend swatch.
             assert!(count_color(&bars, color, 560..560 + LEGEND_WIDTH) > 100);
         }
