@@ -23,12 +23,14 @@
 //! Initialisation as the reference: linear weights and the bias tables normal(0, 0.02)
 //! (its truncation at ±2 never binds at that deviation), biases 0, LayerNorm 1 / 0.
 
-use candle_core::{D, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Init, Linear, VarBuilder};
+use candle_core::{D, Device, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, Init, VarBuilder};
+use genseg_nn::attention::windowed_attention;
 use genseg_nn::conv::Conv2d;
 use genseg_nn::init::{InitScheme, conv2d};
-use genseg_nn::ops::{LayerNorm, softmax};
+use genseg_nn::ops::{LayerNorm, gelu};
 use genseg_nn::rng::{SeededRng, drop_path, seeded_by};
+use genseg_nn::rows::Linear;
 use serde::{Deserialize, Serialize};
 
 use crate::SegModel;
@@ -264,21 +266,30 @@ fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
     LayerNorm::new(dim, LN_EPS, vb)
 }
 
-/// `[B, H, W, C]` → `[B · nW, ws · ws, C]`, windows in row-major order.
-fn window_partition(x: &Tensor, ws: usize) -> Result<Tensor> {
-    let (b, h, w, c) = x.dims4()?;
-    x.reshape((b, h / ws, ws, w / ws, ws, c))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .reshape((b * (h / ws) * (w / ws), ws * ws, c))
+/// The token order of the (shifted) windows of an `r x r` grid: entry `j` is the grid token
+/// (row-major) that becomes token `j % ws²` of window `j / ws²` (windows row-major) after
+/// the grid is rolled by `-shift` on both axes, the reference's `torch.roll` then
+/// `window_partition`. One gather per image instead of two rolls, a permute and a copy
+/// (and their backward, the inverse gather).
+pub fn window_order(r: usize, ws: usize, shift: usize) -> Vec<u32> {
+    let (n, per_side) = (ws * ws, r / ws);
+    (0..r * r)
+        .map(|j| {
+            let (w, t) = (j / n, j % n);
+            let y = (w / per_side) * ws + t / ws;
+            let x = (w % per_side) * ws + t % ws;
+            (((y + shift) % r) * r + (x + shift) % r) as u32
+        })
+        .collect()
 }
 
-/// The inverse of [`window_partition`].
-fn window_reverse(windows: &Tensor, ws: usize, (b, h, w): (usize, usize, usize)) -> Result<Tensor> {
-    let c = windows.dim(D::Minus1)?;
-    windows
-        .reshape((b, h / ws, w / ws, ws, ws, c))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .reshape((b, h, w, c))
+/// The inverse permutation of `order`.
+fn inverse_order(order: &[u32]) -> Vec<u32> {
+    let mut inverse = vec![0u32; order.len()];
+    for (j, &src) in order.iter().enumerate() {
+        inverse[src as usize] = j as u32;
+    }
+    inverse
 }
 
 /// The shifted-window attention mask `[nW, N, N]` of an `r x r` grid (0 within a region,
@@ -355,16 +366,8 @@ impl WindowAttention {
 
     /// `x`: `[B · nW, N, C]`; `mask`: `[nW, N, N]`.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (bw, n, c) = x.dims3()?;
-        let hd = c / self.heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((bw, n, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.i(0)?.contiguous()? * (hd as f64).powf(-0.5))?;
-        let k = qkv.i(1)?.contiguous()?;
-        let v = qkv.i(2)?.contiguous()?;
+        let n = x.dim(1)?;
+        debug_assert_eq!(self.window * self.window, n);
         let index = self.bias_index.to_device(x.device())?;
         let bias = self
             .bias_table
@@ -372,17 +375,7 @@ impl WindowAttention {
             .reshape((n, n, self.heads))?
             .permute((2, 0, 1))?
             .contiguous()?;
-        let mut attn = q.matmul(&k.t()?)?.broadcast_add(&bias.unsqueeze(0)?)?;
-        if let Some(mask) = mask {
-            let windows = mask.dim(0)?;
-            attn = attn
-                .reshape((bw / windows, windows, self.heads, n, n))?
-                .broadcast_add(&mask.unsqueeze(1)?.unsqueeze(0)?)?
-                .reshape((bw, self.heads, n, n))?;
-        }
-        debug_assert_eq!(self.window * self.window, n);
-        let attn = softmax(&attn, D::Minus1)?;
-        let y = attn.matmul(&v)?.transpose(1, 2)?.reshape((bw, n, c))?;
+        let y = windowed_attention(&self.qkv.forward(x)?, self.heads, &bias, mask)?;
         self.proj.forward(&y)
     }
 }
@@ -392,7 +385,6 @@ impl WindowAttention {
 struct SwinBlock {
     resolution: usize,
     window: usize,
-    shift: usize,
     drop_path: f32,
     norm1: LayerNorm,
     attn: WindowAttention,
@@ -401,6 +393,9 @@ struct SwinBlock {
     fc2: Linear,
     /// `[nW, N, N]` when the windows are shifted.
     mask: Option<Tensor>,
+    /// `[L]`: [`window_order`] of this block's grid, window and shift, and its inverse.
+    order: Tensor,
+    inverse: Tensor,
 }
 
 impl SwinBlock {
@@ -425,10 +420,14 @@ impl SwinBlock {
             })
             .transpose()?;
         let hidden = dim * cfg.mlp_ratio;
+        let order = window_order(resolution, window, shift);
+        let inverse = inverse_order(&order);
+        let l = order.len();
         Ok(Self {
+            order: Tensor::from_vec(order, l, vb.device())?,
+            inverse: Tensor::from_vec(inverse, l, vb.device())?,
             resolution,
             window,
-            shift,
             drop_path,
             norm1: layer_norm(dim, vb.pp("norm1"))?,
             attn: WindowAttention::new(dim, cfg.num_heads[stage], window, vb.pp("attn"))?,
@@ -444,21 +443,19 @@ impl SwinBlock {
         let (b, l, c) = x.dims3()?;
         let r = self.resolution;
         debug_assert_eq!(l, r * r);
-        let mut y = self.norm1.forward(x)?.reshape((b, r, r, c))?;
-        let shift = self.shift as i32;
-        if shift > 0 {
-            y = y.roll(-shift, 1)?.roll(-shift, 2)?;
-        }
-        let windows = window_partition(&y, self.window)?;
+        let n = self.window * self.window;
+        let windows = self
+            .norm1
+            .forward(x)?
+            .index_select(&self.order, 1)?
+            .reshape((b * l / n, n, c))?;
         let attended = self.attn.forward(&windows, self.mask.as_ref())?;
-        let mut y = window_reverse(&attended, self.window, (b, r, r))?;
-        if shift > 0 {
-            y = y.roll(shift, 1)?.roll(shift, 2)?;
-        }
-        let y = y.reshape((b, l, c))?;
+        let y = attended
+            .reshape((b, l, c))?
+            .index_select(&self.inverse, 1)?;
         let mlp = |t: &Tensor| -> Result<Tensor> {
             self.fc2
-                .forward(&self.fc1.forward(&self.norm2.forward(t)?)?.gelu_erf()?)
+                .forward(&gelu(&self.fc1.forward(&self.norm2.forward(t)?)?)?)
         };
         match rng {
             Some(rng) if self.drop_path > 0.0 => {
@@ -731,6 +728,7 @@ impl SegModel for SwinUnet {
 mod tests {
     use super::*;
     use crate::BackboneConfig;
+    use candle_core::DType;
     use genseg_nn::params::ParamStore;
 
     /// Parameters of the reference configuration, from its layer list.
@@ -844,6 +842,29 @@ mod tests {
 
     /// A 4x4 grid, windows of 2, shift 1: regions split each axis as [0, 2) [2, 3) [3, 4),
     /// after the cyclic shift. Written out by hand.
+    /// The reference's `torch.roll(x, -shift)` then `window_partition`, by candle's ops.
+    #[test]
+    fn the_window_order_is_the_references_roll_then_partition() -> anyhow::Result<()> {
+        for (r, ws, shift) in [(8usize, 4usize, 0usize), (8, 4, 2), (14, 7, 3), (6, 3, 1)] {
+            let grid = Tensor::arange(0u32, (r * r) as u32, &Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .reshape((1, r, r, 1))?;
+            let s = shift as i32;
+            let rolled = grid.roll(-s, 1)?.roll(-s, 2)?;
+            let partitioned = rolled
+                .reshape((1, r / ws, ws, r / ws, ws, 1))?
+                .permute((0, 1, 3, 2, 4, 5))?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let order = window_order(r, ws, shift);
+            let want: Vec<u32> = partitioned.iter().map(|&v| v as u32).collect();
+            assert_eq!(order, want, "r {r} ws {ws} shift {shift}");
+            let inverse = inverse_order(&order);
+            assert!((0..r * r).all(|i| order[inverse[i] as usize] as usize == i));
+        }
+        Ok(())
+    }
+
     #[test]
     fn the_shifted_window_mask_matches_a_hand_count() {
         let mask = shifted_window_mask(4, 2, 1);

@@ -224,7 +224,7 @@ pub fn linear(
     bias: bool,
     scheme: InitScheme,
     vb: VarBuilder,
-) -> Result<candle_nn::Linear> {
+) -> Result<crate::rows::Linear> {
     if in_features == 0 || out_features == 0 {
         candle_core::bail!(
             "linear {}: features must be positive, got in {in_features} out {out_features}",
@@ -241,7 +241,7 @@ pub fn linear(
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(weight, bias))
+    Ok(crate::rows::Linear::new(weight, bias))
 }
 
 #[cfg(test)]

@@ -21,6 +21,10 @@
 //!   bilinear resize and max-pool with backward, reflection padding, and the
 //!   weighted sum of centred kernels that fuses a searchable cell.
 //! - [`channels`]: the per-channel bias of a convolution, with a fast gradient.
+//! - [`attention`]: multi-head attention within windows (bias and mask added to the
+//!   scores) as one op with a recomputing backward.
+//! - [`rows`]: per-token ops over the last dimension on the CPU (a linear layer's bias,
+//!   LayerNorm, softmax) with one-pass kernels forward and backward.
 //! - [`optim`]: Adam (coupled L2) / AdamW, RMSprop, SGD with PyTorch semantics
 //!   and state that saves to safetensors and resumes bit-identically.
 //! - [`checkpoint`]: atomic checkpoint folders (weights, optimizer states, step,
@@ -52,6 +56,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod batch_norm;
 pub mod channels;
 pub mod checkpoint;
@@ -63,5 +68,6 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod rng;
+pub mod rows;
 pub mod snapshot;
 mod storage;

@@ -11,6 +11,7 @@
 //! | `candle_nn::loss::binary_cross_entropy_with_logit` | `inf` at \|logit\| = 100 | [`bce_with_logits`] |
 //! | `Tensor::upsample_bilinear2d` | backward errors | [`resize_bilinear`] |
 //! | `Tensor::max_pool2d_with_stride` (kernel != stride) | backward errors | [`max_pool2d`] |
+//! | `Tensor::gelu_erf` backward | nine passes over the activation | [`gelu`] |
 //! | (none) | instance norm, leaky ReLU | [`instance_norm`], [`InstanceNorm2d`], [`leaky_relu`] |
 //! | (none) | reflection padding | [`reflection_pad2d`], [`replication_pad2d`] |
 //! | `pad_with_zeros` + `broadcast_mul` + add | keeps ~8 padded kernel copies alive | [`weighted_centred_sum`] |
@@ -19,6 +20,7 @@
 //! hyperparameters and shapes carry over unchanged.
 
 mod centred_sum;
+mod gelu;
 mod loss;
 mod norm;
 mod pad;
@@ -27,7 +29,10 @@ mod resize;
 mod softmax;
 
 pub use centred_sum::weighted_centred_sum;
+pub use gelu::{erf_f32, exp_f32, gelu};
 pub use loss::{bce_with_logits, bce_with_logits_per_element, bce_with_logits_sum};
+#[cfg(test)]
+pub(crate) use norm::layer_norm_composite;
 pub use norm::{InstanceNorm2d, LayerNorm, instance_norm, layer_norm};
 
 /// `LeakyReLU(slope)` for `0 <= slope <= 1` as `(1 - slope)·relu(x) + slope·x`: two cheap
@@ -38,6 +43,8 @@ pub fn leaky_relu(x: &candle_core::Tensor, slope: f64) -> candle_core::Result<ca
 pub use pad::{reflection_pad2d, replication_pad2d};
 pub use pool::max_pool2d;
 pub use resize::resize_bilinear;
+#[cfg(test)]
+pub(crate) use softmax::softmax_composite;
 pub use softmax::{log_softmax, softmax};
 
 /// Seeded random inputs shared by the op tests.
@@ -64,6 +71,16 @@ pub(crate) mod test_inputs {
         let mut data: Vec<f64> = (0..n).map(|i| i as f64 * 0.1 - n as f64 * 0.05).collect();
         data.shuffle(&mut rng);
         Tensor::from_vec(data, dims, &Device::Cpu)
+    }
+
+    /// The largest absolute difference of two tensors of one shape, in f64.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a - b)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()
     }
 
     /// Fixed random weights, so that a gradient check of `sum(w * op(x))` exercises every

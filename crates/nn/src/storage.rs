@@ -32,6 +32,14 @@ pub(crate) fn cast<T: num_traits::Float>(v: f64) -> T {
 pub(crate) trait Element: num_traits::Float + WithDType + Real {
     /// The storage's elements, if it holds this type.
     fn storage_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+
+    /// The error function: for f32 a rational approximation that vectorises (absolute error
+    /// below 5e-7, [`crate::ops::erf_f32`]), for f64 libm's (candle's).
+    fn erf(self) -> Self;
+
+    /// `e^x`: for f32 a polynomial approximation that vectorises (relative error below
+    /// 3e-7, [`crate::ops::exp_f32`]), for f64 the standard library's.
+    fn exp_fast(self) -> Self;
 }
 
 impl Element for f32 {
@@ -41,6 +49,14 @@ impl Element for f32 {
             _ => None,
         }
     }
+
+    fn erf(self) -> Self {
+        crate::ops::erf_f32(self)
+    }
+
+    fn exp_fast(self) -> Self {
+        crate::ops::exp_f32(self)
+    }
 }
 
 impl Element for f64 {
@@ -49,6 +65,14 @@ impl Element for f64 {
             CpuStorage::F64(data) => Some(data),
             _ => None,
         }
+    }
+
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
+    }
+
+    fn exp_fast(self) -> Self {
+        self.exp()
     }
 }
 

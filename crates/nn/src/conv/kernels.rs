@@ -181,13 +181,13 @@ fn fold<T: Real>(g: &ConvGeometry, cols: &[T], n0: usize, n1: usize, dx: &mut [T
 
 /// Row-major matrix view: element (r, c) at `ptr + r·row + c·col`.
 #[derive(Clone, Copy)]
-struct View<T> {
+pub(crate) struct View<T> {
     ptr: *const T,
     row: isize,
     col: isize,
 }
 
-fn view<T>(ptr: *const T, row: usize) -> View<T> {
+pub(crate) fn view<T>(ptr: *const T, row: usize) -> View<T> {
     View {
         ptr,
         row: row as isize,
@@ -195,7 +195,7 @@ fn view<T>(ptr: *const T, row: usize) -> View<T> {
     }
 }
 
-fn transposed<T>(ptr: *const T, row: usize) -> View<T> {
+pub(crate) fn transposed<T>(ptr: *const T, row: usize) -> View<T> {
     View {
         ptr,
         row: 1,
@@ -209,11 +209,30 @@ fn transposed<T>(ptr: *const T, row: usize) -> View<T> {
 /// Every view must cover its whole matrix inside live buffers, and `dst` must not alias
 /// `lhs` or `rhs`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul<T: Real>(
+pub(crate) unsafe fn matmul<T: Real>(
+    mkn: (usize, usize, usize),
+    dst: *mut T,
+    dst_row: usize,
+    accumulate: bool,
+    lhs: View<T>,
+    rhs: View<T>,
+    parallelism: Parallelism,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { matmul_scaled(mkn, dst, dst_row, accumulate, T::ONE, lhs, rhs, parallelism) }
+}
+
+/// [`matmul`] with the product scaled: `dst = (accumulate ? dst : 0) + scale · lhs · rhs`.
+///
+/// # Safety
+/// As [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_scaled<T: Real>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     dst_row: usize,
     accumulate: bool,
+    scale: T,
     lhs: View<T>,
     rhs: View<T>,
     parallelism: Parallelism,
@@ -235,7 +254,7 @@ unsafe fn matmul<T: Real>(
             rhs.col,
             rhs.row,
             if accumulate { T::ONE } else { T::ZERO },
-            T::ONE,
+            scale,
             false,
             false,
             false,
@@ -248,6 +267,14 @@ fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
+/// One GEMM over all threads (or none when there is one).
+pub(crate) fn all_threads() -> Parallelism {
+    match threads() {
+        1 => Parallelism::None,
+        t => Parallelism::Rayon(t),
+    }
+}
+
 /// Runs the tasks in parallel when there are enough to keep every thread busy, each with
 /// a single-threaded GEMM; otherwise one after the other, each with a parallel GEMM.
 fn run_tasks(count: usize, task: impl Fn(usize, Parallelism) + Sync) {
@@ -257,11 +284,7 @@ fn run_tasks(count: usize, task: impl Fn(usize, Parallelism) + Sync) {
             .into_par_iter()
             .for_each(|t| task(t, Parallelism::None));
     } else {
-        let par = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
+        let par = all_threads();
         (0..count).for_each(|t| task(t, par));
     }
 }

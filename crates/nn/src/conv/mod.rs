@@ -7,7 +7,7 @@
 //! `tests/conv_ops.rs`).
 
 mod geometry;
-mod kernels;
+pub(crate) mod kernels;
 
 use candle_core::{CustomOp2, Layout, Module, Result, Shape, Tensor, bail};
 pub use candle_nn::{Conv2dConfig, ConvTranspose2dConfig};

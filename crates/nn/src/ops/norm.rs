@@ -8,6 +8,8 @@
 use candle_core::{D, Module, Result, Tensor, bail};
 use candle_nn::{Init, VarBuilder};
 
+use crate::storage::on_cpu_kernels;
+
 fn check_affine(x: &Tensor, p: Option<&Tensor>, what: &str) -> Result<()> {
     if let Some(p) = p {
         let last = x.dim(D::Minus1)?;
@@ -32,6 +34,25 @@ pub fn layer_norm(
 ) -> Result<Tensor> {
     check_affine(x, weight, "weight")?;
     check_affine(x, bias, "bias")?;
+    if on_cpu_kernels(&[x]) {
+        // One pass forward, one backward (crate::rows), instead of eight ops and theirs.
+        let k = x.dim(D::Minus1)?;
+        let affine = |p: Option<&Tensor>, fill: f64| match p {
+            Some(p) => p.to_dtype(x.dtype()),
+            None => Tensor::full(fill, k, x.device())?.to_dtype(x.dtype()),
+        };
+        return crate::rows::layer_norm_rows(x, &affine(weight, 1.0)?, &affine(bias, 0.0)?, eps);
+    }
+    layer_norm_composite(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] from candle's ops (any device and dtype).
+pub(crate) fn layer_norm_composite(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
@@ -72,7 +93,7 @@ pub fn instance_norm(
             );
         }
     }
-    if crate::storage::on_cpu_kernels(&[x]) {
+    if on_cpu_kernels(&[x]) {
         // The fused batch-norm kernels with every (n, c) plane as its own channel: two
         // passes over the data instead of the eight ops below (and their backward).
         let planes = x.reshape((1, n * c, h, w))?;

@@ -2,8 +2,10 @@
 //!
 //! `candle_nn::ops::softmax_last_dim` is a custom op applied without a backward, so a loss
 //! built on it leaves its inputs without gradient (and no error). These versions use only
-//! `exp`, `log`, `sum` and broadcasting, whose backward candle implements.
+//! `exp`, `log`, `sum` and broadcasting, whose backward candle implements, or (softmax over
+//! the last dimension on the CPU) a fused op with its own backward.
 
+use candle_core::shape::Dim;
 use candle_core::{D, Result, Tensor};
 
 /// Subtracts the row maximum for overflow safety. The maximum is detached: softmax is
@@ -14,8 +16,18 @@ fn shifted(x: &Tensor, dim: D) -> Result<Tensor> {
     x.broadcast_sub(&max)
 }
 
-/// Softmax along `dim`: `exp(x_i) / sum_j exp(x_j)`, stable for large logits.
+/// Softmax along `dim`: `exp(x_i) / sum_j exp(x_j)`, stable for large logits. Along the
+/// last dimension on the CPU it is one fused pass forward and one backward (crate::rows).
 pub fn softmax(x: &Tensor, dim: D) -> Result<Tensor> {
+    let last = x.rank().checked_sub(1);
+    if Some(dim.to_index(x.shape(), "softmax")?) == last && crate::storage::on_cpu_kernels(&[x]) {
+        return crate::rows::softmax_rows(x);
+    }
+    softmax_composite(x, dim)
+}
+
+/// [`softmax`] from candle's ops (any device, dtype and dimension).
+pub(crate) fn softmax_composite(x: &Tensor, dim: D) -> Result<Tensor> {
     let e = shifted(x, dim)?.exp()?;
     let sum = e.sum_keepdim(dim)?;
     e.broadcast_div(&sum)
