@@ -439,8 +439,11 @@ fn sorted_header(mut bytes: Vec<u8>) -> anyhow::Result<Vec<u8>> {
         "re-serialised safetensors header grew from {n} to {} bytes",
         sorted.len()
     );
-    let padded = format!("{sorted:<n$}");
-    bytes[8..8 + n].copy_from_slice(padded.as_bytes());
+    // Padded with spaces by hand: a format width (`{:<n$}`) panics above 65535, and a
+    // large model's optimizer state has a longer header than that.
+    let mut padded = sorted.into_bytes();
+    padded.resize(n, b' ');
+    bytes[8..8 + n].copy_from_slice(&padded);
     Ok(bytes)
 }
 
@@ -778,6 +781,29 @@ mod tests {
         let (read, meta) = read_safetensors(&first, &Device::Cpu).unwrap();
         assert_eq!(meta, metadata());
         assert_eq!(read["b"].to_vec2::<f32>().unwrap(), vec![vec![1.0; 2]; 2]);
+    }
+
+    /// A SwinUnet's Adam state has a header longer than 65535 bytes, the largest width a
+    /// format string takes (it panicked there).
+    #[test]
+    fn a_header_longer_than_a_format_width_saves_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors: BTreeMap<String, Tensor> = (0..1500)
+            .map(|i| {
+                let name = format!(
+                    "decoder.layers_up.{i}.blocks.0.attn.relative_position_bias_table.exp_avg_sq"
+                );
+                (name, Tensor::full(i as f32, 2, &Device::Cpu).unwrap())
+            })
+            .collect();
+        let path = dir.path().join("big.safetensors");
+        write_safetensors(&path, &tensors, None).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        assert!(u64::from_le_bytes(bytes[..8].try_into().unwrap()) > 65_535);
+        let (read, _) = read_safetensors(&path, &Device::Cpu).unwrap();
+        assert_eq!(read.len(), 1500);
+        let key = "decoder.layers_up.1499.blocks.0.attn.relative_position_bias_table.exp_avg_sq";
+        assert_eq!(read[key].to_vec1::<f32>().unwrap(), vec![1499.0; 2]);
     }
 
     #[test]
