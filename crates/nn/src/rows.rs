@@ -43,22 +43,26 @@ impl Rows {
     }
 }
 
-/// `columns` sums over the rows of `r`, accumulated in f64: `add_rows(rows, sums)` adds a
-/// block of rows (about 16 Ki elements) to its block's partial sums, blocks in parallel.
-fn column_sums(
-    r: Rows,
-    columns: usize,
-    add_rows: impl Fn(std::ops::Range<usize>, &mut [f64]) + Sync,
-) -> Vec<f64> {
+/// The sum of the rows of `x` (`r.count` rows of `r.len`): per block of rows (about 16 Ki
+/// elements) in parallel, accumulated in f64.
+fn row_sums<T: Element>(x: &[T], r: Rows) -> Vec<T> {
     let block = r.per_chunk();
     (0..r.count.div_ceil(block))
         .into_par_iter()
         .map(|b| {
-            let mut sums = vec![0.0f64; columns];
-            add_rows(b * block..((b + 1) * block).min(r.count), &mut sums);
+            let mut sums = vec![0.0f64; r.len];
+            let rows = b * block..((b + 1) * block).min(r.count);
+            for row in x[rows.start * r.len..rows.end * r.len].chunks(r.len) {
+                for (s, &v) in sums.iter_mut().zip(row) {
+                    *s += v.to_f64();
+                }
+            }
             sums
         })
-        .reduce(|| vec![0.0f64; columns], add_sums)
+        .reduce(|| vec![0.0f64; r.len], add_sums)
+        .into_iter()
+        .map(cast)
+        .collect()
 }
 
 /// `a + b` elementwise: the reduction of per-task partial sums.
@@ -150,15 +154,7 @@ struct RowSum;
 
 impl Kernel<1> for RowSum {
     fn run<T: Element>(&self, [x]: [&[T]; 1], [l]: [&Layout; 1]) -> Result<Vec<T>> {
-        let r = Rows::of(l)?;
-        let sums = column_sums(r, r.len, |rows, sums| {
-            for row in x[rows.start * r.len..rows.end * r.len].chunks(r.len) {
-                for (s, &v) in sums.iter_mut().zip(row) {
-                    *s += v.to_f64();
-                }
-            }
-        });
-        Ok(sums.into_iter().map(cast).collect())
+        Ok(row_sums(x, Rows::of(l)?))
     }
 }
 
@@ -300,23 +296,13 @@ impl Kernel<3> for LinearBackward {
     fn run<T: Element>(&self, [x, dy, w]: [&[T]; 3], [l, _, lw]: [&Layout; 3]) -> Result<Vec<T>> {
         let r = Rows::of(l)?;
         let (rows, k, n) = (r.count, r.len, lw.dims()[0]);
-        let db: Vec<T> = column_sums(
+        let db = row_sums(
+            dy,
             Rows {
                 count: rows,
                 len: n,
             },
-            n,
-            |range, sums| {
-                for row in dy[range.start * n..range.end * n].chunks(n) {
-                    for (s, &v) in sums.iter_mut().zip(row) {
-                        *s += v.to_f64();
-                    }
-                }
-            },
-        )
-        .into_iter()
-        .map(cast)
-        .collect();
+        );
         let (nx, nw) = (rows * k, n * k);
         // SAFETY: the two GEMMs (beta 0) write all of dx and dweight, the copy all of dbias;
         // the views cover x [R, K], dy [R, N] and w [N, K].
