@@ -14,7 +14,9 @@
 //! above it, so at depth 8 (256 px) the widths are 64, 128, 256, 512, 512, 512, 512, 512 and
 //! the dropout levels are 4, 5, 6 — "the three innermost-but-one" of the reference; depth 7
 //! (128 px) has two. `up` is a [`MixedUpConv`] (the GenSeg change) or, with
-//! `searchable_up = false`, pix2pix's plain `ConvTranspose2d(4, 2, 1)`; `down` is a plain
+//! `searchable_up = false`, one plain transposed convolution: pix2pix's `ConvTranspose2d(4, 2,
+//! 1)`, or another of the cells' candidates (`up_candidate`: α fixed one-hot, the ablation
+//! of whether the searched architecture matters); `down` is a plain
 //! `Conv2d(4, 2, 1)` (the released code) or, with `searchable_down`, a [`MixedDownConv`].
 //! Convolutions carry no bias (BatchNorm follows) except the outermost up-convolution.
 //!
@@ -36,7 +38,7 @@ use genseg_nn::ops::leaky_relu;
 use genseg_nn::rng::{SeededRng, dropout};
 use serde::{Deserialize, Serialize};
 
-use crate::mixed::{ArchWeights, MixedDownConv, MixedForm, MixedUpConv};
+use crate::mixed::{ArchWeights, CANDIDATES, Candidate, MixedDownConv, MixedForm, MixedUpConv};
 
 /// Every hyperparameter of a [`Pix2PixGenerator`]; defaults are the reference's unet_256.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -59,6 +61,10 @@ pub struct GeneratorConfig {
     /// Whether up-convolutions are searchable [`MixedUpConv`] cells (GenSeg) or pix2pix's
     /// plain transposed convolution.
     pub searchable_up: bool,
+    /// The candidate of [`CANDIDATES`] the plain up-convolutions use when `searchable_up` is
+    /// off: 0 is pix2pix's 4×4 (the default), 1 the 6×6, 2 the 8×8. A generator built with
+    /// candidate `i` computes what a searchable one computes with α one-hot on `i`.
+    pub up_candidate: usize,
     /// Whether down-convolutions are searchable [`MixedDownConv`] cells (the paper's figure;
     /// off in the released 2-D code).
     pub searchable_down: bool,
@@ -80,6 +86,7 @@ impl Default for GeneratorConfig {
             num_downs: None,
             dropout: 0.5,
             searchable_up: true,
+            up_candidate: 0,
             searchable_down: false,
             mixed_form: MixedForm::Fused,
             skip_after_leaky_relu: true,
@@ -131,7 +138,24 @@ impl GeneratorConfig {
             "generator: dropout {} is outside [0, 1)",
             self.dropout
         );
+        anyhow::ensure!(
+            self.up_candidate < CANDIDATES.len(),
+            "generator: up_candidate {} is not one of the {} candidates (0: 4x4, 1: 6x6, 2: 8x8)",
+            self.up_candidate,
+            CANDIDATES.len()
+        );
+        anyhow::ensure!(
+            !self.searchable_up || self.up_candidate == 0,
+            "generator: up_candidate = {} fixes the up-convolutions, but searchable_up is on; \
+             set generator.searchable_up = false to use it",
+            self.up_candidate
+        );
         Ok(())
+    }
+
+    /// The plain up-convolution's shape (kernel, stride, padding) when `searchable_up` is off.
+    fn plain_up(&self) -> Candidate {
+        CANDIDATES[self.up_candidate]
     }
 
     /// Inputs must have sides that are multiples of this (`2^depth`).
@@ -146,14 +170,15 @@ impl GeneratorConfig {
     /// fused kernels are not counted.
     pub fn conv_macs(&self, height: usize, width: usize) -> anyhow::Result<u64> {
         let depth = self.depth()?;
-        let taps = |searchable: bool| {
+        let taps = |searchable: bool, plain: usize| {
             if searchable {
                 self.mixed_form.kernel_taps()
             } else {
-                PLAIN_KERNEL * PLAIN_KERNEL
+                plain * plain
             }
         };
-        let (down_taps, up_taps) = (taps(self.searchable_down), taps(self.searchable_up));
+        let down_taps = taps(self.searchable_down, PLAIN_KERNEL);
+        let up_taps = taps(self.searchable_up, self.plain_up().kernel);
         Ok((0..depth)
             .map(|level| {
                 let ch = self.level_channels(level, depth);
@@ -330,15 +355,16 @@ impl Pix2PixGenerator {
                     up_vb,
                 )?),
                 None => {
+                    let shape = cfg.plain_up();
                     let c = ConvTranspose2dConfig {
-                        padding: 1,
-                        stride: 2,
+                        padding: shape.padding,
+                        stride: shape.stride,
                         ..Default::default()
                     };
                     UpConv::Plain(conv_transpose2d(
                         ch.up_in,
                         ch.up_out,
-                        PLAIN_KERNEL,
+                        shape.kernel,
                         c,
                         outermost,
                         init,
@@ -801,6 +827,53 @@ mod tests {
         Ok(())
     }
 
+    /// A plain generator built with `up_candidate = i` computes what the searchable one
+    /// computes with α one-hot on candidate `i`, given the same weights.
+    #[test]
+    fn fixed_up_candidate_is_the_one_hot_alpha() -> anyhow::Result<()> {
+        let mask = Tensor::rand(0f64, 1., (2, 1, 32, 32), &Device::Cpu)?.ge(0.5)?;
+        for candidate in 0..CANDIDATES.len() {
+            let searched = ParamStore::new(8, DType::F64, &Device::Cpu);
+            let g_searched = Pix2PixGenerator::new(&small(2, 32, 1), searched.var_builder())?;
+            // Logits -1000 off the candidate: their softmax weights are exactly 0 in f64.
+            let alpha = searched.get("arch.upconv").expect("searchable");
+            let rows = alpha.dims()[0];
+            let one_hot: Vec<f64> = (0..rows * 3)
+                .map(|j| if j % 3 == candidate { 0.0 } else { -1e3 })
+                .collect();
+            alpha.set(&Tensor::from_vec(one_hot, (rows, 3), &Device::Cpu)?)?;
+
+            let plain_cfg = GeneratorConfig {
+                searchable_up: false,
+                up_candidate: candidate,
+                ..small(2, 32, 1)
+            };
+            let plain = ParamStore::new(9, DType::F64, &Device::Cpu);
+            let g_plain = Pix2PixGenerator::new(&plain_cfg, plain.var_builder())?;
+            for name in plain.names() {
+                let var = plain.get(&name).expect("listed");
+                let source = searched.get(&name).or_else(|| {
+                    // model...<up_idx>.weight -> model...<up_idx>._ops._ops.<candidate>.op.weight
+                    let (cell, leaf) = name.rsplit_once('.')?;
+                    searched.get(&format!("{cell}._ops._ops.{candidate}.op.{leaf}"))
+                });
+                let source = source.unwrap_or_else(|| panic!("{name} has no searchable twin"));
+                assert_eq!(var.dims(), source.dims(), "{name}");
+                var.set(source.as_tensor())?;
+            }
+            let run = |g: &Pix2PixGenerator| -> anyhow::Result<Vec<f64>> {
+                Ok(g.forward_t(&mask, false, &mut SeededRng::new(0))?
+                    .flatten_all()?
+                    .to_vec1()?)
+            };
+            let (a, b) = (run(&g_searched)?, run(&g_plain)?);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-12, "candidate {candidate}: {x} vs {y}");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn skip_quirk_changes_the_output() -> anyhow::Result<()> {
         let mask = Tensor::rand(0f32, 1., (2, 1, 32, 32), &Device::Cpu)?;
@@ -842,6 +915,17 @@ mod tests {
             ..small(2, 64, 1)
         });
         assert!(e.contains("dropout 1"), "{e}");
+        let e = err(GeneratorConfig {
+            searchable_up: false,
+            up_candidate: 3,
+            ..small(2, 64, 1)
+        });
+        assert!(e.contains("up_candidate 3"), "{e}");
+        let e = err(GeneratorConfig {
+            up_candidate: 1,
+            ..small(2, 64, 1)
+        });
+        assert!(e.contains("searchable_up = false"), "{e}");
         assert!(store.is_empty(), "nothing allocated for invalid configs");
 
         let g = Pix2PixGenerator::new(&small(2, 64, 1), store.var_builder())?;
