@@ -903,29 +903,42 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        assert!(err(small(2, 100, 1)).contains("image_size 100"));
-        let e = err(GeneratorConfig {
-            num_downs: Some(6),
-            image_size: 96,
-            ..small(2, 96, 1)
-        });
-        assert!(e.contains("2^6"), "{e}");
-        let e = err(GeneratorConfig {
-            dropout: 1.0,
-            ..small(2, 64, 1)
-        });
-        assert!(e.contains("dropout 1"), "{e}");
-        let e = err(GeneratorConfig {
-            searchable_up: false,
-            up_candidate: 3,
-            ..small(2, 64, 1)
-        });
-        assert!(e.contains("up_candidate 3"), "{e}");
-        let e = err(GeneratorConfig {
-            up_candidate: 1,
-            ..small(2, 64, 1)
-        });
-        assert!(e.contains("searchable_up = false"), "{e}");
+        let bad = [
+            (small(2, 100, 1), "image_size 100"),
+            (
+                GeneratorConfig {
+                    num_downs: Some(6),
+                    ..small(2, 96, 1)
+                },
+                "2^6",
+            ),
+            (
+                GeneratorConfig {
+                    dropout: 1.0,
+                    ..small(2, 64, 1)
+                },
+                "dropout 1",
+            ),
+            (
+                GeneratorConfig {
+                    searchable_up: false,
+                    up_candidate: 3,
+                    ..small(2, 64, 1)
+                },
+                "up_candidate 3",
+            ),
+            (
+                GeneratorConfig {
+                    up_candidate: 1,
+                    ..small(2, 64, 1)
+                },
+                "searchable_up = false",
+            ),
+        ];
+        for (cfg, expected) in bad {
+            let e = err(cfg);
+            assert!(e.contains(expected), "{expected}: {e}");
+        }
         assert!(store.is_empty(), "nothing allocated for invalid configs");
 
         let g = Pix2PixGenerator::new(&small(2, 64, 1), store.var_builder())?;
