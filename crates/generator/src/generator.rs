@@ -177,7 +177,7 @@ impl GeneratorConfig {
                 plain * plain
             }
         };
-        let down_taps = taps(self.searchable_down, PLAIN_KERNEL);
+        let down_taps = taps(self.searchable_down, PLAIN_DOWN.kernel);
         let up_taps = taps(self.searchable_up, self.plain_up().kernel);
         Ok((0..depth)
             .map(|level| {
@@ -219,8 +219,9 @@ struct LevelChannels {
     up_out: usize,
 }
 
-/// Kernel side of pix2pix's plain (non-searchable) convolutions.
-const PLAIN_KERNEL: usize = 4;
+/// pix2pix's plain (non-searchable) down-convolution, `Conv2d(4, 2, 1)`: the shape of the
+/// first candidate.
+const PLAIN_DOWN: Candidate = CANDIDATES[0];
 
 #[derive(Debug, Clone)]
 enum DownConv {
@@ -322,14 +323,14 @@ impl Pix2PixGenerator {
                 )?),
                 None => {
                     let c = Conv2dConfig {
-                        padding: 1,
-                        stride: 2,
+                        padding: PLAIN_DOWN.padding,
+                        stride: PLAIN_DOWN.stride,
                         ..Default::default()
                     };
                     DownConv::Plain(conv2d(
                         ch.down_in,
                         ch.down_out,
-                        PLAIN_KERNEL,
+                        PLAIN_DOWN.kernel,
                         c,
                         false,
                         init,
@@ -837,11 +838,11 @@ mod tests {
             let g_searched = Pix2PixGenerator::new(&small(2, 32, 1), searched.var_builder())?;
             // Logits -1000 off the candidate: their softmax weights are exactly 0 in f64.
             let alpha = searched.get("arch.upconv").expect("searchable");
-            let rows = alpha.dims()[0];
-            let one_hot: Vec<f64> = (0..rows * 3)
-                .map(|j| if j % 3 == candidate { 0.0 } else { -1e3 })
+            let (rows, n) = alpha.dims2()?;
+            let one_hot: Vec<f64> = (0..rows * n)
+                .map(|j| if j % n == candidate { 0.0 } else { -1e3 })
                 .collect();
-            alpha.set(&Tensor::from_vec(one_hot, (rows, 3), &Device::Cpu)?)?;
+            alpha.set(&Tensor::from_vec(one_hot, (rows, n), &Device::Cpu)?)?;
 
             let plain_cfg = GeneratorConfig {
                 searchable_up: false,
