@@ -94,6 +94,16 @@ impl Engine {
         self.levels.iter_mut().map(Problem::step).collect()
     }
 
+    /// One first-order step of the inner level `index` alone (a level stepped less often
+    /// than the others); its loss before the step.
+    pub fn step_level(&mut self, index: usize) -> Result<f64> {
+        let count = self.levels.len();
+        match self.levels.get_mut(index) {
+            Some(level) => level.step(),
+            None => candle_core::bail!("engine: no inner level {index} (it has {count})"),
+        }
+    }
+
     /// The upper objective and its hypergradient w.r.t. the upper vars at the current
     /// state: the direct gradient plus the hops chained from `∇ L_upper` w.r.t. the last
     /// level's vars down to the upper vars. Leaves every var as it found it.
@@ -288,6 +298,27 @@ mod tests {
             assert!((a1[j] - (A0[j] - lr * hg[j])).abs() < 1e-15);
         }
         assert_eq!(report.level_losses.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn step_level_moves_that_level_alone() -> Result<()> {
+        let (mut engine, a, g, s) = three_levels(0.1)?;
+        let loss = engine.step_level(1)?;
+        // The segmenter's unit-lr step at G0: s = S0 − (Q·S0 − C·G0); g and a untouched.
+        let (qs, cg) = (mv(&Q, &S0), mv(&C, &G0));
+        let want: Vec<f64> = (0..2).map(|i| S0[i] - (qs[i] - cg[i])).collect();
+        let got = s.as_tensor().to_vec1::<f64>()?;
+        for (x, y) in got.iter().zip(&want) {
+            assert!((x - y).abs() < 1e-12, "{got:?} vs {want:?}");
+        }
+        let quad = 0.5 * (0..2).map(|i| S0[i] * qs[i]).sum::<f64>()
+            - (0..2).map(|i| S0[i] * cg[i]).sum::<f64>();
+        assert!((loss - quad).abs() < 1e-12, "{loss} vs {quad}");
+        assert_eq!(g.as_tensor().to_vec1::<f64>()?, G0.to_vec());
+        assert_eq!(a.as_tensor().to_vec1::<f64>()?, A0.to_vec());
+        let err = engine.step_level(2).unwrap_err().to_string();
+        assert!(err.contains("no inner level 2 (it has 2)"), "{err}");
         Ok(())
     }
 

@@ -116,7 +116,8 @@ pub fn resume(
     let rates = cfg.genseg_rates();
     tracing::info!(
         "genseg: generator {} ({}/), λ {}, lr generator {:.1e} α {:.1e} segmenter {:.1e}, \
-         α step every {}, radius {}, preconditioning {}, synthetic {}",
+         α step every {}, generator step every {}, radius {}, preconditioning {}, \
+         synthetic {}",
         generator_run(&cfg, &run).display(),
         g.checkpoint.name(),
         cfg.train.lambda,
@@ -124,6 +125,7 @@ pub fn resume(
         rates.arch,
         rates.segmenter,
         g.arch_every,
+        g.generator_every,
         g.radius,
         g.precondition,
         if g.detach_synthetic {
@@ -621,13 +623,16 @@ impl Pipeline for EndToEnd {
         self.engine.levels_mut()[LEVEL_SEGMENTER]
             .optimizer_mut()
             .set_learning_rate(segmenter_lr);
-        let loss_d = self.discriminator_step()?;
-        let level_losses = self.engine.step_levels()?;
-        let (real, syn) = self.seg_parts.get();
         let mut record = serde_json::Map::new();
-        record.insert("loss_d".into(), json!(loss_d));
-        record.insert("loss_g".into(), json!(level_losses[LEVEL_GENERATOR]));
-        record.insert("loss".into(), json!(level_losses[LEVEL_SEGMENTER]));
+        if it % self.cfg.genseg.generator_every == 0 {
+            let loss_d = self.discriminator_step()?;
+            let loss_g = self.engine.step_level(LEVEL_GENERATOR)?;
+            record.insert("loss_d".into(), json!(loss_d));
+            record.insert("loss_g".into(), json!(loss_g));
+        }
+        let loss = self.engine.step_level(LEVEL_SEGMENTER)?;
+        let (real, syn) = self.seg_parts.get();
+        record.insert("loss".into(), json!(loss));
         record.insert("loss_real".into(), json!(real));
         record.insert("loss_synthetic".into(), json!(syn));
         if (it + 1) % self.cfg.genseg.arch_every == 0 {
@@ -856,7 +861,8 @@ mod tests {
 
     /// On the strong recipe the segmenter's real pairs come from the prefetch thread
     /// (normalised, augmented), its loss is deeply supervised and its learning rate
-    /// decays: the run still tunes α and resumes bit-exactly.
+    /// decays; with level 1 every second iteration, the run still tunes α at every
+    /// iteration and resumes bit-exactly.
     #[test]
     fn genseg_on_the_strong_recipe_moves_alpha_and_resumes_bit_exactly() -> Result<()> {
         let dir = tempfile::tempdir()?;
@@ -865,14 +871,67 @@ mod tests {
         cfg.train.iterations = plain.train.iterations;
         cfg.train.val_every = plain.train.val_every;
         cfg.train.checkpoint_every = plain.train.checkpoint_every;
+        cfg.genseg.generator_every = 2;
         assert!(cfg.train.transforms && cfg.model.unet.deep_supervision);
         assert_pretrains_moves_alpha_and_resumes_bit_exactly(cfg.clone(), dir.path())?;
-        let lr: Vec<f64> = read_lines(&dir.path().join("whole/metrics.jsonl"))?
-            .iter()
-            .filter_map(|l| l.get("lr")?.as_f64())
-            .collect();
+        let lines = read_lines(&dir.path().join("whole/metrics.jsonl"))?;
+        let lr: Vec<f64> = lines.iter().filter_map(|l| l.get("lr")?.as_f64()).collect();
         assert_eq!(lr.len(), 3);
         assert!(lr.windows(2).all(|w| w[1] < w[0]), "poly decay: {lr:?}");
+        // Level 1 stepped at iterations 0 and 2 only; the segmenter at every one.
+        let stepped: Vec<bool> = lines
+            .iter()
+            .filter(|l| l.get("lr").is_some())
+            .map(|l| l.get("loss_g").is_some() && l.get("loss_d").is_some())
+            .collect();
+        assert_eq!(stepped, [true, false, true]);
+        Ok(())
+    }
+
+    /// Level 1 skipped leaves the weights of the generator and discriminator exactly as
+    /// they were.
+    #[test]
+    fn skipped_generator_level_leaves_the_generator_untouched() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg = tiny(&dir.path().join("data"))?;
+        cfg.train.iterations = 2;
+        cfg.train.val_every = 2;
+        cfg.genseg.generator_every = 2;
+        cfg.genseg.arch_every = 4;
+        // One iteration (pre-training a generator), then two from that generator.
+        let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+        let mut first = cfg.clone();
+        (first.train.iterations, first.train.val_every) = (1, 1);
+        let stop = AtomicBool::new(false);
+        super::super::train(first, &one, &Device::Cpu, &stop, &mut Silent)?;
+        cfg.genseg.generator = pretrain_dir(&one);
+        super::super::train(cfg, &two, &Device::Cpu, &stop, &mut Silent)?;
+        let (a, b) = (
+            Checkpoint::load(&one.join("last"))?,
+            Checkpoint::load(&two.join("last"))?,
+        );
+        let (mut same, mut moved) = (0, 0);
+        for (name, t) in &a.weights {
+            let d = (t - &b.weights[name])?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            // The synthesis still moves the generator's BatchNorm statistics (train mode).
+            let buffer = genseg_nn::params::BUFFER_NAMES
+                .iter()
+                .any(|b| name.ends_with(b));
+            if (name.starts_with("netG.") || name.starts_with("netD.")) && !buffer {
+                assert_eq!(d, 0.0, "{name} moved at a skipped level-1 iteration");
+                same += 1;
+            } else if d > 0.0 {
+                moved += 1;
+            }
+        }
+        assert!(
+            same > 0 && moved > 0,
+            "{same} generator tensors, {moved} moved"
+        );
         Ok(())
     }
 
