@@ -24,13 +24,14 @@ fn backbones() -> Vec<(String, RunConfig)> {
             format!("unet-{label}-w{}", cfg.model.unet.base_width),
             cfg.clone(),
         ));
-        let deeplabs = match profile {
-            // CPU-sized encoders at the cpu profile; the reference's ResNet-50 at paper size.
-            Profile::Cpu => vec![
+        let paper = profile == Profile::Paper;
+        // CPU-sized encoders at the cpu profile; the reference's ResNet-50 at paper size.
+        let deeplabs = match paper {
+            false => vec![
                 (Encoder::Resnet18, Decoder::V3, 8),
                 (Encoder::Resnet18, Decoder::V3Plus, 16),
             ],
-            Profile::Paper => vec![(Encoder::Resnet50, Decoder::V3, 8)],
+            true => vec![(Encoder::Resnet50, Decoder::V3, 8)],
         };
         for (encoder, decoder, stride) in deeplabs {
             let mut cfg = cfg.clone();
@@ -44,9 +45,9 @@ fn backbones() -> Vec<(String, RunConfig)> {
         // SwinUnet: the reference at its 224 px; at the cpu profile's 64 px, 4x4 windows.
         let mut swin = cfg.clone();
         swin.model.kind = ModelKind::SwinUnet;
-        match profile {
-            Profile::Paper => swin.data.size = 224,
-            Profile::Cpu => swin.model.swin_unet.window_size = 4,
+        match paper {
+            true => swin.data.size = 224,
+            false => swin.model.swin_unet.window_size = 4,
         }
         swin.model.swin_unet.image_size = swin.data.size as usize;
         swin.model.fit_to_data(channels);

@@ -28,7 +28,7 @@ use crate::experiment::{Variant, pretrain_args, s};
 pub struct Recipe {
     /// What the grid measures, one line.
     pub description: String,
-    /// `genseg --profile` of every run (`cpu` or `paper`).
+    /// `genseg --profile` of every run (`cpu`, `paper` or `study`).
     #[serde(default = "default_profile")]
     pub profile: String,
     /// Seeds (each draws its own split).
@@ -127,8 +127,8 @@ impl Recipe {
             anyhow::ensure!(!empty, "`{what}` is empty");
         }
         anyhow::ensure!(
-            ["cpu", "paper"].contains(&self.profile.as_str()),
-            "profile {:?}: expected cpu or paper",
+            ["cpu", "paper", "study"].contains(&self.profile.as_str()),
+            "profile {:?}: expected cpu, paper or study",
             self.profile
         );
         for r in &self.regimes {

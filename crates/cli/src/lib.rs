@@ -19,7 +19,7 @@ pub mod names {
         "genseg",
     ];
     /// `--profile` ([`genseg_pipelines::config::Profile`]).
-    pub const PROFILE: &[&str] = &["paper", "cpu"];
+    pub const PROFILE: &[&str] = &["paper", "cpu", "study"];
     /// `--recipe` ([`genseg_pipelines::config::Recipe`]).
     pub const RECIPE: &[&str] = &["plain", "strong"];
     /// `--checkpoint` ([`genseg_pipelines::run_dir::Which`]).

@@ -62,7 +62,18 @@ pub enum Profile {
     /// (docs/results.md has the measurements behind it).
     #[default]
     Cpu,
+    /// What the science study compares on (issue 17): the `cpu` profile under the strong
+    /// recipe (nnU-Net's, [`RunConfig::strong`]), and GenSeg with its hypergradient every
+    /// [`STUDY_ARCH_EVERY`] and level 1 every [`STUDY_GENERATOR_EVERY`] iterations, so
+    /// that a whole GenSeg run (pre-training included) fits in 30 minutes on 2 cores
+    /// (docs/results.md has the measurements behind it).
+    Study,
 }
+
+/// `genseg.arch_every` of the `study` profile.
+pub const STUDY_ARCH_EVERY: u64 = 16;
+/// `genseg.generator_every` of the `study` profile.
+pub const STUDY_GENERATOR_EVERY: u64 = 4;
 
 /// How the segmentation model is trained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -801,6 +812,12 @@ impl RunConfig {
                 cpu.train.checkpoint_every = 50;
                 cpu
             }
+            Profile::Study => {
+                let mut study = Self::profile(Profile::Cpu).with_recipe(Recipe::Strong);
+                study.genseg.arch_every = STUDY_ARCH_EVERY;
+                study.genseg.generator_every = STUDY_GENERATOR_EVERY;
+                study
+            }
         }
     }
 
@@ -845,8 +862,12 @@ impl RunConfig {
     /// 7-image split, the reference's epoch count). `cpu`: measured on 2 cores
     /// (docs/method.md): 64 px, ngf = ndf = 16, batch 4, lr 2e-4 (pix2pix's default; at
     /// 2e-5 the lung phantoms' validation L1 after 50 iterations is 0.36 instead of 0.07),
-    /// 200 iterations (it plateaus by then).
+    /// 200 iterations (it plateaus by then). `study` pre-trains as `cpu` does.
     pub fn pix2pix(profile: Profile) -> Self {
+        let profile = match profile {
+            Profile::Study => Profile::Cpu,
+            p => p,
+        };
         let mut cfg = Self::profile(profile);
         cfg.method = Method::Pix2pix;
         let t = &mut cfg.train;
@@ -861,7 +882,7 @@ impl RunConfig {
                 (t.iterations, t.batch_size, t.lr) = (800, 2, 2e-5);
                 (t.val_every, t.checkpoint_every) = (100, 100);
             }
-            Profile::Cpu => {
+            Profile::Cpu | Profile::Study => {
                 (t.iterations, t.batch_size, t.lr) = (200, 4, 2e-4);
                 (t.val_every, t.checkpoint_every) = (50, 50);
             }
@@ -1042,12 +1063,32 @@ mod tests {
 
     #[test]
     fn profiles_round_trip_through_toml() -> Result<()> {
-        for p in [Profile::Paper, Profile::Cpu] {
+        for p in [Profile::Paper, Profile::Cpu, Profile::Study] {
             let cfg = RunConfig::profile(p);
             let text = toml::to_string(&cfg)?;
             let back: RunConfig = toml::from_str(&text)?;
             assert_eq!(back, cfg);
         }
+        Ok(())
+    }
+
+    /// `study` is `cpu` under the strong recipe with GenSeg's cheaper cadences, and
+    /// pre-trains its generator as `cpu` does.
+    #[test]
+    fn study_profile_is_the_strong_cpu_recipe_with_genseg_cadences() -> Result<()> {
+        let study = RunConfig::profile(Profile::Study);
+        let mut want = RunConfig::profile(Profile::Cpu).with_recipe(Recipe::Strong);
+        assert_ne!(study, want);
+        want.genseg.arch_every = STUDY_ARCH_EVERY;
+        want.genseg.generator_every = STUDY_GENERATOR_EVERY;
+        assert_eq!(study, want);
+        assert!(study.train.transforms && study.train.iterations >= STRONG_MIN_ITERATIONS);
+        assert_eq!(study.genseg.pretrain_profile, Profile::Cpu);
+        assert_eq!(
+            RunConfig::pix2pix(Profile::Study),
+            RunConfig::pix2pix(Profile::Cpu)
+        );
+        assert_eq!(parse_name::<Profile>("study", "profile")?, Profile::Study);
         Ok(())
     }
 
