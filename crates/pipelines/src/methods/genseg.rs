@@ -832,6 +832,11 @@ mod tests {
         Ok(cfg)
     }
 
+    /// The largest absolute elementwise difference of two f32 tensors.
+    fn largest_difference(a: &Tensor, b: &Tensor) -> Result<f32> {
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    }
+
     /// Sets the stop flag once `at` iterations of the loop of `total` are done (the
     /// pre-training loop before it runs to its end).
     struct StopAt<'a> {
@@ -912,11 +917,7 @@ mod tests {
         );
         let (mut same, mut moved) = (0, 0);
         for (name, t) in &a.weights {
-            let d = (t - &b.weights[name])?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let d = largest_difference(t, &b.weights[name])?;
             // The synthesis still moves the generator's BatchNorm statistics (train mode).
             let buffer = genseg_nn::params::BUFFER_NAMES
                 .iter()
@@ -991,11 +992,7 @@ mod tests {
         assert_eq!(resumed.iterations, 3);
         let again = Checkpoint::load(&split.join("last"))?;
         for (name, t) in &last.weights {
-            let d = (t - &again.weights[name])?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
+            let d = largest_difference(t, &again.weights[name])?;
             assert_eq!(d, 0.0, "{name} differs after resume");
         }
         let best = Checkpoint::load(&whole.join(Which::Best.name()))?;
