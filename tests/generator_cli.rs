@@ -171,6 +171,52 @@ fn pretrained_generator_learns_and_feeds_separate_and_generate() {
         !folder.join(".lock").exists(),
         "generate released its claim"
     );
+    // Running BatchNorm statistics paint other images from the same masks and noise, and
+    // the provenance says which statistics made them.
+    let running = tmp.path().join("syn-running");
+    ok(&[
+        "generate",
+        "--generator",
+        &s(&gen_run),
+        "--masks",
+        &s(&data),
+        "--n",
+        "10",
+        "--seed",
+        "4",
+        "--generator-norm",
+        "running",
+        "--out",
+        &s(&running),
+    ]);
+    let provenance = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("generated.json")).unwrap()).unwrap()
+    };
+    assert_eq!(provenance(&folder)["generator_norm"], "batch");
+    assert_eq!(provenance(&running)["generator_norm"], "running");
+    let images = |dir: &Path| {
+        Dataset::load(dir, &DataConfig::default())
+            .unwrap()
+            .samples()
+            .iter()
+            .map(|s| (s.mask.clone(), s.image.clone()))
+            .collect::<Vec<_>>()
+    };
+    let (batch_pairs, running_pairs) = (images(&folder), images(&running));
+    assert!(
+        batch_pairs
+            .iter()
+            .zip(&running_pairs)
+            .all(|(b, r)| b.0 == r.0),
+        "the same augmented masks"
+    );
+    assert!(
+        batch_pairs
+            .iter()
+            .zip(&running_pairs)
+            .any(|(b, r)| b.1 != r.1),
+        "other images"
+    );
     let nnunet = tmp.path().join("syn-nnunet");
     ok(&[
         "generate",

@@ -30,6 +30,8 @@ pub mod names {
     pub const LAYOUT: &[&str] = &["folder", "nnunet"];
     /// `--postprocess` ([`genseg_pipelines::config::PostChoice`]).
     pub const POSTPROCESS: &[&str] = &["auto", "min_max", "xray", "rgb"];
+    /// `--generator-norm` ([`genseg_pipelines::config::NormStatistics`]).
+    pub const GENERATOR_NORM: &[&str] = &["batch", "running"];
     /// `--model` of bench-step ([`genseg_pipelines::bench_step::BenchModel`]).
     pub const BENCH_MODEL: &[&str] = &["unet", "pix2pix", "deeplabv3_r50", "swin_unet"];
 }
@@ -108,6 +110,7 @@ mod tests {
         all::<evaluate::SplitChoice>(names::SPLIT);
         all::<generate::OutputLayout>(names::LAYOUT);
         all::<config::PostChoice>(names::POSTPROCESS);
+        all::<config::NormStatistics>(names::GENERATOR_NORM);
         all::<bench_step::BenchModel>(names::BENCH_MODEL);
     }
 }

@@ -40,6 +40,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::mixed::{ArchWeights, CANDIDATES, Candidate, MixedDownConv, MixedForm, MixedUpConv};
 
+/// The statistics the generator's BatchNorm layers normalise with when it synthesises.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormStatistics {
+    /// The batch's own (train mode, the reference's synthesis; updates the running ones). At
+    /// the innermost 1 × 1 level a batch of two normalises each channel to ±1, so an image
+    /// depends on the batch it is painted in.
+    #[default]
+    Batch,
+    /// The running statistics accumulated in training (eval-mode BatchNorm): an image depends
+    /// on its mask and dropout noise only, whatever the batch size.
+    Running,
+}
+
 /// Every hyperparameter of a [`Pix2PixGenerator`]; defaults are the reference's unet_256.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -449,6 +463,25 @@ impl Pix2PixGenerator {
     /// dropout, whose masks are drawn from `rng`; GenSeg synthesises in train mode (spec §2).
     /// `H` and `W` must be multiples of `2^depth`. The mask is cast to the parameters' dtype.
     pub fn forward_t(&self, mask: &Tensor, train: bool, rng: &mut SeededRng) -> Result<Tensor> {
+        let norm = if train {
+            NormStatistics::Batch
+        } else {
+            NormStatistics::Running
+        };
+        self.synthesize(mask, norm, train, rng)
+    }
+
+    /// [`Self::forward_t`] with the BatchNorm statistics and dropout chosen apart, e.g. running
+    /// statistics with dropout on: a frozen generator that paints each mask independently of
+    /// its batch while keeping dropout as its noise source.
+    pub fn synthesize(
+        &self,
+        mask: &Tensor,
+        norm: NormStatistics,
+        dropout_on: bool,
+        rng: &mut SeededRng,
+    ) -> Result<Tensor> {
+        let batch_statistics = norm == NormStatistics::Batch;
         let (_, c, h, w) = mask.dims4().map_err(|_| {
             candle_core::Error::Msg(format!(
                 "generator: expected a [B, C, H, W] mask, got shape {:?}",
@@ -489,7 +522,7 @@ impl Pix2PixGenerator {
             };
             x = block.down.forward(&activated)?;
             if let Some(norm) = &block.down_norm {
-                x = norm.forward_t(&x, train)?;
+                x = norm.forward_t(&x, batch_statistics)?;
             }
         }
         // Up path, innermost first; x is the innermost down output, then each level's concat.
@@ -499,9 +532,9 @@ impl Pix2PixGenerator {
                 return y.tanh();
             };
             if let Some(norm) = &block.up_norm {
-                y = norm.forward_t(&y, train)?;
+                y = norm.forward_t(&y, batch_statistics)?;
             }
-            if block.dropout && train {
+            if block.dropout && dropout_on {
                 y = dropout(&y, self.cfg.dropout, rng)?;
             }
             // [B, outer, h, w] ++ [B, outer, h, w] -> [B, 2·outer, h, w]
@@ -744,6 +777,43 @@ mod tests {
                 .to_vec1()?)
         };
         assert_eq!(eval(7)?, eval(8)?, "no dropout in eval mode");
+        Ok(())
+    }
+
+    #[test]
+    fn running_statistics_paint_each_mask_independently_of_its_batch() -> anyhow::Result<()> {
+        let store = ParamStore::new(4, DType::F32, &Device::Cpu);
+        let g = Pix2PixGenerator::new(&small(2, 64, 1), store.var_builder())?;
+        let pair = Tensor::rand(0f32, 1., (2, 1, 64, 64), &Device::Cpu)?.ge(0.5)?;
+        let first = pair.narrow(0, 0, 1)?;
+        let paint = |mask: &Tensor, norm, dropout_on, seed| -> anyhow::Result<Vec<f32>> {
+            Ok(
+                g.synthesize(mask, norm, dropout_on, &mut SeededRng::new(seed))?
+                    .narrow(0, 0, 1)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            )
+        };
+        use NormStatistics::{Batch, Running};
+        assert_eq!(
+            paint(&first, Running, false, 0)?,
+            paint(&pair, Running, false, 0)?
+        );
+        assert_ne!(
+            paint(&first, Batch, false, 0)?,
+            paint(&pair, Batch, false, 0)?,
+            "batch statistics couple the images of a batch"
+        );
+        assert_ne!(
+            paint(&pair, Running, true, 7)?,
+            paint(&pair, Running, true, 8)?,
+            "dropout stays on with running statistics"
+        );
+        let eval: Vec<f32> = g
+            .forward_t(&first, false, &mut SeededRng::new(0))?
+            .flatten_all()?
+            .to_vec1()?;
+        assert_eq!(eval, paint(&first, Running, false, 0)?);
         Ok(())
     }
 

@@ -25,6 +25,7 @@ use genseg_data::preprocess::{ChannelPolicy, ImageFilter, MaskRule};
 use genseg_data::transforms::TransformConfig;
 use genseg_generator::discriminator::DiscriminatorConfig;
 use genseg_generator::generator::GeneratorConfig;
+pub use genseg_generator::generator::NormStatistics;
 use genseg_generator::loss::LossConfig;
 use genseg_generator::postprocess::{GradientPath, PostProcessConfig, PostStep};
 use genseg_nn::optim::{Adam, AdamConfig, Optimizer, RmsProp, RmsPropConfig, Sgd, SgdConfig};
@@ -586,6 +587,10 @@ pub struct SeparateSection {
     /// (normalised, augmented by `[transforms]`, deeply supervised), so they are trained
     /// exactly as the real ones; otherwise they are only normalised.
     pub transforms: bool,
+    /// The generator's BatchNorm statistics at synthesis: `batch` (the reference's train
+    /// mode: each batch of masks normalised by its own statistics) or `running` (those
+    /// accumulated in pre-training, so an image does not depend on its batch; dropout stays).
+    pub generator_norm: NormStatistics,
 }
 
 impl Default for SeparateSection {
@@ -595,6 +600,7 @@ impl Default for SeparateSection {
             checkpoint: Which::Best,
             postprocess: PostChoice::Auto,
             transforms: false,
+            generator_norm: NormStatistics::Batch,
         }
     }
 }

@@ -21,7 +21,7 @@ use serde_json::json;
 
 use genseg_data::writer::masks_to_tensor;
 
-use crate::config::PostChoice;
+use crate::config::{NormStatistics, PostChoice};
 use crate::learner::Observer;
 use crate::methods::separate::{Synthesizer, load_generator};
 use crate::run_dir::{RunLock, Which};
@@ -58,6 +58,9 @@ pub struct GenerateOptions {
     pub batch_size: usize,
     /// Post-processing of the images.
     pub postprocess: PostChoice,
+    /// The generator's BatchNorm statistics: the batch's own or the running ones.
+    #[serde(default)]
+    pub generator_norm: NormStatistics,
     /// Augment the masks (the GenSeg way) or paint them as they are.
     pub augment: bool,
 }
@@ -176,7 +179,7 @@ fn generate_into(
     let post = opts
         .postprocess
         .config(channels, generator_cfg.data.equalize_gamma);
-    let synth = Synthesizer::new(loaded, post)?;
+    let synth = Synthesizer::new(loaded, post, opts.generator_norm)?;
     let masks: Vec<GrayImage> = read_masks(&opts.masks)?
         .into_iter()
         .map(|(_, m)| resize_mask(&m, size as u32, size as u32))
@@ -274,6 +277,7 @@ fn generate_into(
         "augment": opts.augment,
         "batch_size": opts.batch_size,
         "postprocess": synth.post_config(),
+        "generator_norm": opts.generator_norm,
         "size": size,
         "channels": channels,
     });

@@ -6,7 +6,7 @@ use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
 use genseg::progress::Terminal;
-use genseg_pipelines::config::PostChoice;
+use genseg_pipelines::config::{NormStatistics, PostChoice};
 use genseg_pipelines::generate::{GenerateOptions, OutputLayout, generate};
 use genseg_pipelines::run_dir::Which;
 
@@ -40,6 +40,10 @@ pub struct GenerateArgs {
     /// Post-processing: auto (equalise + gamma when the generator's data was), min_max, xray, rgb.
     #[arg(long, value_parser = genseg::choice::<PostChoice>(genseg::names::POSTPROCESS), default_value = "auto")]
     postprocess: PostChoice,
+    /// The generator's BatchNorm statistics: batch (the reference's train mode) or running
+    /// (those of pre-training, so an image does not depend on the rest of its batch).
+    #[arg(long, value_parser = genseg::choice::<NormStatistics>(genseg::names::GENERATOR_NORM), default_value = "batch")]
+    generator_norm: NormStatistics,
     /// Paint the masks as they are instead of augmenting them first.
     #[arg(long)]
     no_augment: bool,
@@ -57,6 +61,7 @@ pub fn run(args: GenerateArgs, device: &Device) -> Result<()> {
         layout: args.layout,
         batch_size: args.batch_size,
         postprocess: args.postprocess,
+        generator_norm: args.generator_norm,
         augment: !args.no_augment,
     };
     let outcome = generate(&opts, device, &mut Terminal::default())?;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use genseg_data::writer::masks_from_tensor;
-use genseg_generator::generator::Pix2PixGenerator;
+use genseg_generator::generator::{NormStatistics, Pix2PixGenerator};
 use genseg_generator::postprocess::{PostProcessConfig, PostProcessor};
 use genseg_masks::{MaskAugmentConfig, MaskAugmenter};
 use genseg_nn::params::ParamStore;
@@ -78,6 +78,7 @@ pub fn load_generator(run: &Path, which: Which, device: &Device) -> Result<Loade
 pub struct Synthesizer {
     /// The generator and where it came from.
     pub loaded: LoadedGenerator,
+    norm: NormStatistics,
     augmenter: MaskAugmenter,
     post: PostProcessor,
 }
@@ -91,10 +92,16 @@ pub struct SyntheticBatch {
 }
 
 impl Synthesizer {
-    /// Wraps `loaded` with the reference mask augmentation and the post-processing `post`.
-    pub fn new(loaded: LoadedGenerator, post: PostProcessConfig) -> Result<Self> {
+    /// Wraps `loaded` with the reference mask augmentation and the post-processing `post`;
+    /// the generator normalises with the BatchNorm statistics `norm`.
+    pub fn new(
+        loaded: LoadedGenerator,
+        post: PostProcessConfig,
+        norm: NormStatistics,
+    ) -> Result<Self> {
         Ok(Self {
             loaded,
+            norm,
             augmenter: MaskAugmenter::new(MaskAugmentConfig::default())?,
             post: PostProcessor::new(post)?,
         })
@@ -126,7 +133,7 @@ impl Synthesizer {
         let raw = self
             .loaded
             .generator
-            .forward_t(&masks, true, dropout_rng)?
+            .synthesize(&masks, self.norm, true, dropout_rng)?
             .detach();
         let images = self.post.apply(&raw, post_rng)?.detach();
         Ok(SyntheticBatch { masks, images })
@@ -165,13 +172,14 @@ impl SyntheticTerm {
         );
         let post = s.postprocess.config(channels, cfg.data.equalize_gamma);
         tracing::info!(
-            "separate: generator {} (iteration {}), post-processing {:?}",
+            "separate: generator {} (iteration {}), {:?} BatchNorm statistics, post-processing {:?}",
             loaded.checkpoint.display(),
             loaded.config.train.iterations,
+            s.generator_norm,
             post.steps
         );
         Ok(Self {
-            synth: Synthesizer::new(loaded, post)?,
+            synth: Synthesizer::new(loaded, post, s.generator_norm)?,
             seed: cfg.seed,
         })
     }
