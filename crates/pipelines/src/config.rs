@@ -591,6 +591,11 @@ pub struct SeparateSection {
     /// mode: each batch of masks normalised by its own statistics) or `running` (those
     /// accumulated in pre-training, so an image does not depend on its batch; dropout stays).
     pub generator_norm: NormStatistics,
+    /// Paint each synthetic batch among at least this many masks (the batch's masks
+    /// augmented again to fill it; those images are dropped), so that batch statistics are
+    /// taken over as many images as in pre-training (its `train.batch_size`, 4 in the `cpu`
+    /// profile). 0 = the segmenter's batch alone (the reference).
+    pub synthesis_batch: usize,
 }
 
 impl Default for SeparateSection {
@@ -601,6 +606,7 @@ impl Default for SeparateSection {
             postprocess: PostChoice::Auto,
             transforms: false,
             generator_norm: NormStatistics::Batch,
+            synthesis_batch: 0,
         }
     }
 }

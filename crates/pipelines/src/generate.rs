@@ -179,7 +179,7 @@ fn generate_into(
     let post = opts
         .postprocess
         .config(channels, generator_cfg.data.equalize_gamma);
-    let synth = Synthesizer::new(loaded, post, opts.generator_norm)?;
+    let synth = Synthesizer::new(loaded, post, opts.generator_norm, 0)?;
     let masks: Vec<GrayImage> = read_masks(&opts.masks)?
         .into_iter()
         .map(|(_, m)| resize_mask(&m, size as u32, size as u32))

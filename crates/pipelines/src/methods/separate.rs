@@ -79,6 +79,7 @@ pub struct Synthesizer {
     /// The generator and where it came from.
     pub loaded: LoadedGenerator,
     norm: NormStatistics,
+    paint_batch: usize,
     augmenter: MaskAugmenter,
     post: PostProcessor,
 }
@@ -93,15 +94,18 @@ pub struct SyntheticBatch {
 
 impl Synthesizer {
     /// Wraps `loaded` with the reference mask augmentation and the post-processing `post`;
-    /// the generator normalises with the BatchNorm statistics `norm`.
+    /// the generator normalises with the BatchNorm statistics `norm` and paints each batch
+    /// among at least `paint_batch` masks (0 or 1: the batch alone).
     pub fn new(
         loaded: LoadedGenerator,
         post: PostProcessConfig,
         norm: NormStatistics,
+        paint_batch: usize,
     ) -> Result<Self> {
         Ok(Self {
             loaded,
             norm,
+            paint_batch,
             augmenter: MaskAugmenter::new(MaskAugmentConfig::default())?,
             post: PostProcessor::new(post)?,
         })
@@ -114,7 +118,9 @@ impl Synthesizer {
 
     /// Augments `masks` (`[B, 1, H, W]`, foreground > 0.5) with `augment_rng` (or not, when
     /// `None`), synthesises their images with dropout masks from `dropout_rng` and
-    /// post-processes them with `post_rng`.
+    /// post-processes them with `post_rng`. A batch smaller than `paint_batch` is painted
+    /// beside more augmentations of its own masks (drawn after its own, so its masks do not
+    /// change), whose images are dropped.
     pub fn synthesize(
         &self,
         masks: &Tensor,
@@ -123,18 +129,30 @@ impl Synthesizer {
         post_rng: &mut SeededRng,
     ) -> Result<SyntheticBatch> {
         let device = masks.device().clone();
+        let b = masks.dim(0)?;
+        let painted = b.max(self.paint_batch);
         let masks = match augment_rng {
             Some(rng) => {
-                let images = masks_from_tensor(masks, 0.5)?;
-                masks_to_tensor(&self.augmenter.augment_batch(&images, rng), &device)?
+                let own = masks_from_tensor(masks, 0.5)?;
+                let sources: Vec<_> = (0..painted).map(|i| own[i % b].clone()).collect();
+                masks_to_tensor(&self.augmenter.augment_batch(&sources, rng), &device)?
             }
-            None => masks.ge(0.5)?.to_dtype(DType::F32)?,
+            None => {
+                let rows: Vec<u32> = (0..painted).map(|i| (i % b) as u32).collect();
+                let rows = Tensor::new(rows.as_slice(), &device)?;
+                masks
+                    .ge(0.5)?
+                    .to_dtype(DType::F32)?
+                    .index_select(&rows, 0)?
+            }
         };
         let raw = self
             .loaded
             .generator
             .synthesize(&masks, self.norm, true, dropout_rng)?
+            .narrow(0, 0, b)?
             .detach();
+        let masks = masks.narrow(0, 0, b)?;
         let images = self.post.apply(&raw, post_rng)?.detach();
         Ok(SyntheticBatch { masks, images })
     }
@@ -179,7 +197,7 @@ impl SyntheticTerm {
             post.steps
         );
         Ok(Self {
-            synth: Synthesizer::new(loaded, post, s.generator_norm)?,
+            synth: Synthesizer::new(loaded, post, s.generator_norm, s.synthesis_batch)?,
             seed: cfg.seed,
         })
     }
@@ -203,5 +221,63 @@ impl ExtraTerm for SyntheticTerm {
             &mut rng_for(seed, Purpose::PostProcess, it),
         )?;
         Ok((batch.images, batch.masks))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Profile;
+
+    /// An untrained 32 px generator, as if loaded from a pre-training run.
+    fn untrained(norm: NormStatistics, paint_batch: usize) -> Result<Synthesizer> {
+        let mut config = RunConfig::pix2pix(Profile::Cpu);
+        config.data.size = 32;
+        config.generator.ngf = 2;
+        config.fit_to_data(1);
+        let (store, generator) = build_generator(&config.generator, 0, &Device::Cpu)?;
+        let loaded = LoadedGenerator {
+            config,
+            checkpoint: PathBuf::new(),
+            store,
+            generator,
+        };
+        Synthesizer::new(loaded, PostProcessConfig::default(), norm, paint_batch)
+    }
+
+    fn paint(synth: &Synthesizer, masks: &Tensor, augment: bool) -> Result<(Tensor, Vec<f32>)> {
+        let mut augment_rng = rng_for(0, Purpose::MaskAugment, 3);
+        let batch = synth.synthesize(
+            masks,
+            augment.then_some(&mut augment_rng),
+            &mut rng_for(0, Purpose::GeneratorDropout, 3),
+            &mut rng_for(0, Purpose::PostProcess, 3),
+        )?;
+        Ok((batch.masks, batch.images.flatten_all()?.to_vec1()?))
+    }
+
+    #[test]
+    fn a_wider_paint_batch_keeps_the_batch_masks_and_changes_their_images() -> Result<()> {
+        let masks = Tensor::rand(0f32, 1., (2, 1, 32, 32), &Device::Cpu)?
+            .ge(0.5)?
+            .to_dtype(DType::F32)?;
+        for augment in [true, false] {
+            let (own_masks, own) = paint(&untrained(NormStatistics::Batch, 0)?, &masks, augment)?;
+            let (wide_masks, wide) = paint(&untrained(NormStatistics::Batch, 4)?, &masks, augment)?;
+            assert_eq!(wide_masks.dims(), &[2, 1, 32, 32]);
+            let diff = (&own_masks - &wide_masks)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "the batch's own masks (augment {augment})");
+            assert_eq!(own.len(), wide.len());
+            // Two more augmentations change the batch statistics; two copies of the batch
+            // (nothing to augment) have the same mean and variance as the batch itself.
+            assert_eq!(own != wide, augment, "augment {augment}");
+            // Running statistics do not see the companions at all.
+            let running = |n| paint(&untrained(NormStatistics::Running, n)?, &masks, augment);
+            assert!(running(0)?.1 == running(4)?.1, "augment {augment}");
+        }
+        Ok(())
     }
 }
