@@ -24,9 +24,12 @@ pub struct DemoArgs {
     /// Iterations of the generator pre-training.
     #[arg(long, default_value_t = DemoConfig::default().pretrain_iterations)]
     pretrain_iterations: u64,
-    /// The one seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// GenSeg's hypergradient interval (`genseg.arch_every`).
+    #[arg(long, default_value_t = DemoConfig::default().arch_every)]
+    arch_every: u64,
+    /// Seeds, comma-separated: each draws its own split, initialisations and generator.
+    #[arg(long, value_delimiter = ',', default_values_t = DemoConfig::default().seeds)]
+    seeds: Vec<u64>,
 }
 
 /// Runs `genseg demo` and prints its table.
@@ -36,7 +39,8 @@ pub fn run(args: DemoArgs, device: &Device, stop: &AtomicBool) -> Result<()> {
         size: args.size,
         iterations: args.iterations,
         pretrain_iterations: args.pretrain_iterations,
-        seed: args.seed,
+        arch_every: args.arch_every,
+        seeds: args.seeds,
         ..DemoConfig::default()
     };
     match demo(&cfg, device, stop, &mut Terminal::default())? {
