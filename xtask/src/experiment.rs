@@ -339,17 +339,8 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn mean_std(values: &[f64]) -> (f64, f64) {
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    // Sample standard deviation over seeds (n − 1), 0 for a single seed.
-    let var = if values.len() > 1 {
-        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
-}
+/// Mean and sample standard deviation over seeds (n − 1), 0 for a single seed.
+pub(crate) use genseg_backbones::report::mean_and_sample_std as mean_std;
 
 fn write_results(plan: &Plan, variants: &[Variant], rows: &[Row]) -> Result<()> {
     let mut csv = String::from("variant,seed,test_dice,ood_dice,train_seconds\n");

@@ -67,6 +67,19 @@ impl MetricStats {
     }
 }
 
+/// Mean and sample standard deviation (n − 1; 0 for a single value) of a few values, e.g.
+/// one score per seed.
+pub fn mean_and_sample_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
 /// `summary.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -167,6 +180,13 @@ mod tests {
                 hd95: None,
             },
         }
+    }
+
+    #[test]
+    fn mean_and_sample_std_of_one_and_of_several() {
+        assert_eq!(mean_and_sample_std(&[0.5]), (0.5, 0.0));
+        let (m, s) = mean_and_sample_std(&[1.0, 2.0, 3.0]);
+        assert!((m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12, "{m} {s}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::config::{DataSection, Method, Profile, RunConfig};
 use crate::evaluate::{SplitChoice, evaluate_run};
 use crate::learner::Observer;
 use crate::run_dir::Which;
+use genseg_backbones::report::mean_and_sample_std as mean_std;
 
 /// The demo's sizes.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -249,18 +250,6 @@ pub fn demo(
     }))
 }
 
-/// Mean and sample standard deviation (0 for a single value).
-fn mean_std(values: &[f64]) -> (f64, f64) {
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let var = if values.len() > 1 {
-        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
-}
-
 /// The table over seeds (mean ± std, and each seed) and, per generative method, a sentence
 /// on its paired difference to the baseline, whichever way it goes.
 fn results_table(cfg: &DemoConfig, rows: &[DemoRow]) -> Result<String> {
@@ -386,12 +375,5 @@ mod tests {
         }
         assert!(cfg.out.join("predictions").read_dir()?.next().is_some());
         Ok(())
-    }
-
-    #[test]
-    fn mean_std_of_one_and_of_several() {
-        assert_eq!(mean_std(&[0.5]), (0.5, 0.0));
-        let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
-        assert!((m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12);
     }
 }
