@@ -186,7 +186,10 @@ mod tests {
     fn mean_and_sample_std_of_one_and_of_several() {
         assert_eq!(mean_and_sample_std(&[0.5]), (0.5, 0.0));
         let (m, s) = mean_and_sample_std(&[1.0, 2.0, 3.0]);
-        assert!((m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12, "{m} {s}");
+        assert!(
+            (m - 2.0).abs() < 1e-12 && (s - 1.0).abs() < 1e-12,
+            "{m} {s}"
+        );
     }
 
     #[test]
