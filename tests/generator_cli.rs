@@ -150,20 +150,26 @@ fn pretrained_generator_learns_and_feeds_separate_and_generate() {
     );
 
     // Generate in both layouts, from a dataset folder and from a folder of masks.
+    // Ten pairs of seed 4 from the dataset's masks into `out`, with `norm` statistics.
+    let generate_ten = |out: &Path, norm: &str| {
+        ok(&[
+            "generate",
+            "--generator",
+            &s(&gen_run),
+            "--masks",
+            &s(&data),
+            "--n",
+            "10",
+            "--seed",
+            "4",
+            "--generator-norm",
+            norm,
+            "--out",
+            &s(out),
+        ])
+    };
     let folder = tmp.path().join("syn-folder");
-    let line = ok(&[
-        "generate",
-        "--generator",
-        &s(&gen_run),
-        "--masks",
-        &s(&data),
-        "--n",
-        "10",
-        "--seed",
-        "4",
-        "--out",
-        &s(&folder),
-    ]);
+    let line = generate_ten(&folder, "batch");
     assert!(line.contains("10 synthetic pair(s)"), "{line}");
     let check = ok(&["data", "check", &s(&folder)]);
     assert!(check.contains("10"), "{check}");
@@ -174,21 +180,7 @@ fn pretrained_generator_learns_and_feeds_separate_and_generate() {
     // Running BatchNorm statistics paint other images from the same masks and noise, and
     // the provenance says which statistics made them.
     let running = tmp.path().join("syn-running");
-    ok(&[
-        "generate",
-        "--generator",
-        &s(&gen_run),
-        "--masks",
-        &s(&data),
-        "--n",
-        "10",
-        "--seed",
-        "4",
-        "--generator-norm",
-        "running",
-        "--out",
-        &s(&running),
-    ]);
+    generate_ten(&running, "running");
     let provenance = |dir: &Path| -> serde_json::Value {
         serde_json::from_str(&std::fs::read_to_string(dir.join("generated.json")).unwrap()).unwrap()
     };
