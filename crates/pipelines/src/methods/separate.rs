@@ -133,17 +133,21 @@ impl Synthesizer {
         let painted = b.max(self.paint_batch);
         let masks = match augment_rng {
             Some(rng) => {
-                let own = masks_from_tensor(masks, 0.5)?;
-                let sources: Vec<_> = (0..painted).map(|i| own[i % b].clone()).collect();
+                let mut sources = masks_from_tensor(masks, 0.5)?;
+                for i in b..painted {
+                    let companion = sources[i % b].clone();
+                    sources.push(companion);
+                }
                 masks_to_tensor(&self.augmenter.augment_batch(&sources, rng), &device)?
             }
             None => {
-                let rows: Vec<u32> = (0..painted).map(|i| (i % b) as u32).collect();
-                let rows = Tensor::new(rows.as_slice(), &device)?;
-                masks
-                    .ge(0.5)?
-                    .to_dtype(DType::F32)?
-                    .index_select(&rows, 0)?
+                let binary = masks.ge(0.5)?.to_dtype(DType::F32)?;
+                if painted > b {
+                    let rows: Vec<u32> = (0..painted).map(|i| (i % b) as u32).collect();
+                    binary.index_select(&Tensor::new(rows.as_slice(), &device)?, 0)?
+                } else {
+                    binary
+                }
             }
         };
         let raw = self
