@@ -15,6 +15,7 @@ mod bench_vs_torch;
 mod exp;
 mod experiment;
 mod report;
+mod select;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "GenSeg project recipes")]
@@ -131,6 +132,23 @@ enum Recipe {
         #[arg(long, default_value_t = 64)]
         size: u32,
     },
+    /// Per seed, the candidate (e.g. one generator setting's Separate runs) whose run scored
+    /// the highest validation Dice, and the test Dice of that choice against always taking
+    /// one candidate: choosing by downstream validation Dice instead of a fixed setting.
+    Select {
+        /// `NAME=PREFIX`, at least two: the runs `PREFIX-s<seed>` (made by `experiment`).
+        #[arg(long = "candidate", value_name = "NAME=PREFIX", required = true)]
+        candidates: Vec<select::Candidate>,
+        /// Seeds, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+        seeds: Vec<u64>,
+        /// The out-of-domain evaluation folder inside each run, e.g. `eval-ph2-all`.
+        #[arg(long)]
+        ood: Option<String>,
+        /// Also write the report to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Runs `genseg data check` on every dataset folder under a directory.
     CheckDatasets {
         /// The folder holding one sub-folder per dataset.
@@ -187,6 +205,32 @@ fn main() -> Result<()> {
             exp::run(&recipe, &root.join(data_root), &out, &bin, &how)
         }
         Recipe::Aggregate { exp } => aggregate::run(&root.join(exp)),
+        Recipe::Select {
+            candidates,
+            seeds,
+            ood,
+            out,
+        } => {
+            let candidates = candidates
+                .into_iter()
+                .map(|c| select::Candidate {
+                    prefix: root.join(c.prefix),
+                    ..c
+                })
+                .collect();
+            let report = select::run(&select::Plan {
+                candidates,
+                seeds,
+                ood,
+            })?;
+            if let Some(out) = out {
+                let out = root.join(out);
+                std::fs::write(&out, &report)
+                    .with_context(|| format!("writing {}", out.display()))?;
+            }
+            println!("{report}");
+            Ok(())
+        }
         Recipe::Experiment {
             study,
             methods,
