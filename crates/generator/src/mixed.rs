@@ -102,7 +102,8 @@ impl MixedForm {
     }
 }
 
-/// The architecture weights α: `[rows, 3]` tables of logits, one row per searchable cell.
+/// The architecture weights α: `[rows, 3]` tables of logits, one row per searchable cell,
+/// innermost first (the last row is the outermost cell, which paints the output image).
 ///
 /// They are ordinary `Var`s of the parameter store (names `<prefix>.upconv` and
 /// `<prefix>.conv`), so checkpoints save them with the weights, while their own name prefix

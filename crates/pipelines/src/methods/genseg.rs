@@ -283,7 +283,7 @@ struct EndToEnd {
     iteration: u64,
 }
 
-/// `softmax(α)` per searchable up cell of `generator`, outermost first.
+/// `softmax(α)` per searchable up cell of `generator`, innermost first (the α table's rows).
 fn alpha_softmax(generator: &Pix2PixGenerator) -> Result<Vec<Vec<f64>>> {
     Ok(match generator.upconv_mixing_weights()? {
         Some(w) => w.to_dtype(DType::F64)?.to_vec2::<f64>()?,
@@ -499,7 +499,7 @@ impl EndToEnd {
         p.discriminator_step(&inputs.masks, &inputs.images, &fake)
     }
 
-    /// `softmax(α)` per searchable up cell, outermost first.
+    /// `softmax(α)` per searchable up cell, innermost first.
     fn mixing_weights(&self) -> Result<Vec<Vec<f64>>> {
         alpha_softmax(&self.shared.pix2pix.borrow().generator)
     }
@@ -777,7 +777,7 @@ impl Pipeline for EndToEnd {
             .into_iter()
             .enumerate()
             .map(|(cell, candidates)| Panel {
-                title: format!("up cell {cell} (0 = outermost): softmax(α)"),
+                title: format!("up cell {cell} (0 = innermost): softmax(α)"),
                 y_label: "weight".into(),
                 curves: candidates
                     .into_iter()
