@@ -342,6 +342,19 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
 /// Mean and sample standard deviation over seeds (n − 1), 0 for a single seed.
 pub(crate) use genseg_backbones::report::mean_and_sample_std as mean_std;
 
+/// The variants every row is compared with: the first, then the two that a generated-data
+/// method must beat (issue 17) when the study has them: plain augmentation (`combine`) and
+/// the strong recipe (`strong`).
+fn references(variants: &[Variant]) -> Vec<&str> {
+    let mut references = vec![variants[0].name.as_str()];
+    for name in ["combine", "strong"] {
+        if !references.contains(&name) && variants.iter().any(|v| v.name == name) {
+            references.push(name);
+        }
+    }
+    references
+}
+
 fn write_results(plan: &Plan, variants: &[Variant], rows: &[Row]) -> Result<()> {
     let mut csv = String::from("variant,seed,test_dice,ood_dice,train_seconds\n");
     for r in rows {
@@ -354,23 +367,30 @@ fn write_results(plan: &Plan, variants: &[Variant], rows: &[Row]) -> Result<()> 
     }
     std::fs::write(plan.study.out.join("results.csv"), csv)?;
     let ood = plan.study.ood.is_some();
-    let reference = &variants[0].name;
+    let references = references(variants);
+    let mut last = Vec::new();
+    for (i, reference) in references.iter().enumerate() {
+        let vs = if i == 0 {
+            String::new()
+        } else {
+            format!(" vs {reference}")
+        };
+        last.push(format!("Δ test{vs}"));
+        if ood {
+            last.push(format!("Δ out-of-domain{vs}"));
+        }
+    }
+    last.push("train time per run".into());
+    let last: Vec<&str> = last.iter().map(String::as_str).collect();
     let mut md = format!(
         "{} ({} train + {} val per seed); Dice is each run's mean over its cases, then mean ± \
-         sample std over seeds; Δ is the difference to {reference} on the same seeds (mean ± \
-         std of the per-seed differences)\n\n{}",
+         sample std over seeds; Δ is the difference to {} on the same seeds (mean ± std of the \
+         per-seed differences), \"Δ … vs X\" the same against X\n\n{}",
         plan.study.data.display(),
         plan.study.n_train,
         plan.study.n_val,
-        table_head(
-            "variant",
-            ood,
-            if ood {
-                &["Δ test", "Δ out-of-domain", "train time per run"]
-            } else {
-                &["Δ test", "train time per run"]
-            }
-        ),
+        references[0],
+        table_head("variant", ood, &last),
     );
     for variant in variants {
         let mine: Vec<&Row> = rows.iter().filter(|r| r.variant == variant.name).collect();
@@ -380,17 +400,17 @@ fn write_results(plan: &Plan, variants: &[Variant], rows: &[Row]) -> Result<()> 
         let (t, ts) = mean_std(&mine.iter().map(|r| r.test_dice).collect::<Vec<_>>());
         let (sec, _) = mean_std(&mine.iter().map(|r| r.seconds).collect::<Vec<_>>());
         let seeds: Vec<String> = mine.iter().map(|r| r.seed.to_string()).collect();
-        let paired = |value: fn(&Row) -> Option<f64>| -> String {
+        let paired = |reference: &str, value: fn(&Row) -> Option<f64>| -> String {
             let diffs: Vec<f64> = mine
                 .iter()
                 .filter_map(|r| {
                     let base = rows
                         .iter()
-                        .find(|b| &b.variant == reference && b.seed == r.seed)?;
+                        .find(|b| b.variant == reference && b.seed == r.seed)?;
                     Some(value(r)? - value(base)?)
                 })
                 .collect();
-            if diffs.is_empty() || &variant.name == reference {
+            if diffs.is_empty() || variant.name == reference {
                 return "—".into();
             }
             let (d, ds) = mean_std(&diffs);
@@ -402,17 +422,18 @@ fn write_results(plan: &Plan, variants: &[Variant], rows: &[Row]) -> Result<()> 
         } else {
             String::new()
         };
-        let ood_delta = if ood {
-            format!("{} | ", paired(|r| r.ood_dice))
-        } else {
-            String::new()
-        };
+        let mut deltas = String::new();
+        for reference in &references {
+            write!(deltas, "{} | ", paired(reference, |r| Some(r.test_dice)))?;
+            if ood {
+                write!(deltas, "{} | ", paired(reference, |r| r.ood_dice))?;
+            }
+        }
         writeln!(
             md,
-            "| {} | {} | {t:.3} ± {ts:.3} | {ood_cells}{} | {ood_delta}{:.0} s |",
+            "| {} | {} | {t:.3} ± {ts:.3} | {ood_cells}{deltas}{:.0} s |",
             variant.name,
             seeds.join(","),
-            paired(|r| Some(r.test_dice)),
             sec
         )?;
     }
@@ -536,6 +557,50 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("|---|---|---|---|---|\n"), "{md}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_table_compares_with_combine_and_strong_when_the_study_has_them() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut plan = plan(&["baseline", "combine", "strong", "strong-genseg"], &[]);
+        plan.study.out = dir.path().to_path_buf();
+        plan.study.ood = Some("ph2".into());
+        let all = variants(&plan)?;
+        let row = |variant: &str, seed, test_dice, ood_dice| Row {
+            variant: variant.into(),
+            seed,
+            test_dice,
+            ood_dice: Some(ood_dice),
+            seconds: 10.0,
+        };
+        let mut rows = Vec::new();
+        for seed in [0, 1] {
+            let up = 0.01 * seed as f64;
+            rows.push(row("baseline", seed, 0.80 + up, 0.70));
+            rows.push(row("combine", seed, 0.85 + up, 0.75));
+            rows.push(row("strong", seed, 0.90 + up, 0.80));
+            rows.push(row("strong-genseg", seed, 0.91 + up, 0.78 + up));
+        }
+        write_results(&plan, &all, &rows)?;
+        let md = std::fs::read_to_string(dir.path().join("results.md"))?;
+        assert!(
+            md.contains(
+                "| variant | seeds | test Dice | out-of-domain Dice | Δ test | Δ out-of-domain | \
+                 Δ test vs combine | Δ out-of-domain vs combine | Δ test vs strong | \
+                 Δ out-of-domain vs strong | train time per run |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| strong-genseg | 0,1 | 0.915 ± 0.007 | 0.785 ± 0.007 | +11.0 ± 0.0 pt | \
+                 +8.5 ± 0.7 pt | +6.0 ± 0.0 pt | +3.5 ± 0.7 pt | +1.0 ± 0.0 pt | \
+                 -1.5 ± 0.7 pt | 10 s |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| combine | 0,1 | 0.855 ± 0.007 | 0.750 ± 0.000 | +5.0 ± 0.0 pt | +5.0 ± 0.0 pt | — | — | -5.0 ± 0.0 pt | -5.0 ± 0.0 pt | 10 s |"), "{md}");
         Ok(())
     }
 }
