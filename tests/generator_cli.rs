@@ -301,16 +301,49 @@ fn run_and_kill(args: &[String], run: &Path, at_least: u64, total: u64) -> u64 {
 
 #[test]
 fn pretrain_resume_after_sigkill_is_bit_identical() {
+    assert_pretrain_resume_is_bit_identical(&[]);
+}
+
+#[test]
+fn pretrain_on_spatially_transformed_pairs_resumes_bit_identically_and_differs() {
+    let augmented = assert_pretrain_resume_is_bit_identical(&["--set", "train.transforms=true"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("lungs");
+    lung_phantoms(&data, 20);
+    let plain = tmp.path().join("plain");
+    ok(&pretrain_args(&data, &plain, 60, &[]));
+    let l1 = |lines: &[serde_json::Value]| -> Vec<f64> {
+        lines
+            .iter()
+            .filter(|l| l.get("val_l1").is_some())
+            .map(|l| number(l, "val_l1"))
+            .collect()
+    };
+    let (a, p) = (l1(&augmented), l1(&metrics(&plain)));
+    assert_eq!(
+        (a[0], a.len()),
+        (p[0], p.len()),
+        "the untrained generator is the same"
+    );
+    assert!(
+        a[1..] != p[1..],
+        "train.transforms left pre-training unchanged: {a:?}"
+    );
+}
+
+/// Pre-trains straight and killed-then-resumed with `extra` arguments, checks both end
+/// bit-identical, and returns the straight run's metrics.
+fn assert_pretrain_resume_is_bit_identical(extra: &[&str]) -> Vec<serde_json::Value> {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("lungs");
     lung_phantoms(&data, 20);
     let total = 60;
     let straight = tmp.path().join("straight");
-    ok(&pretrain_args(&data, &straight, total, &[]));
+    ok(&pretrain_args(&data, &straight, total, extra));
 
     let killed = tmp.path().join("killed");
     let at_kill = run_and_kill(
-        &pretrain_args(&data, &killed, total, &[]),
+        &pretrain_args(&data, &killed, total, extra),
         &killed,
         20,
         total,
@@ -341,6 +374,7 @@ fn pretrain_resume_after_sigkill_is_bit_identical() {
             .collect()
     };
     assert_eq!(strip(&straight), strip(&killed), "metrics.jsonl differ");
+    metrics(&straight)
 }
 
 #[test]

@@ -166,6 +166,22 @@ impl TransformConfig {
         Ok(())
     }
 
+    /// The chain's spatial part alone (rotation, scaling, mirroring), every intensity
+    /// transform off: what a mask-to-image generator may be trained on, since its target
+    /// images must keep their natural intensities.
+    pub fn spatial(&self) -> Self {
+        Self {
+            p_noise: 0.0,
+            p_blur: 0.0,
+            p_brightness: 0.0,
+            p_contrast: 0.0,
+            p_low_resolution: 0.0,
+            p_gamma_inverted: 0.0,
+            p_gamma: 0.0,
+            ..self.clone()
+        }
+    }
+
     /// Augments one pair in place: `image` `[C, H, W]`, `mask` `[H, W]`.
     pub fn apply<R: Rng + ?Sized>(
         &self,
@@ -405,6 +421,37 @@ mod tests {
             .map(|i| f32::from(u8::from(i % w < w / 3)))
             .collect();
         (image, mask)
+    }
+
+    #[test]
+    fn the_spatial_part_moves_pixels_and_keeps_their_values() {
+        let (h, w) = (8, 8);
+        let chain = TransformConfig {
+            p_mirror: 1.0,
+            p_rotation: 0.0,
+            p_scale: 0.0,
+            p_noise: 1.0,
+            p_brightness: 1.0,
+            p_gamma: 1.0,
+            ..TransformConfig::default()
+        }
+        .spatial();
+        let (mut image, mut mask) = pair(h, w);
+        let (i0, m0) = (image.clone(), mask.clone());
+        chain.apply(
+            &mut image,
+            &mut mask,
+            (1, h, w),
+            &mut ChaCha8Rng::seed_from_u64(3),
+        );
+        // Mirrored on both axes (p = 1), nothing else: the same values, point-reflected.
+        let reflected = |v: &[f32]| -> Vec<f32> { v.iter().rev().copied().collect() };
+        assert_eq!(image, reflected(&i0));
+        assert_eq!(mask, reflected(&m0));
+        assert_eq!(
+            (chain.p_mirror, chain.scale),
+            (1.0, TransformConfig::default().scale)
+        );
     }
 
     #[test]

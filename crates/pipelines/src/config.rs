@@ -477,7 +477,8 @@ pub struct TrainSection {
     #[serde(default)]
     pub schedule: Schedule,
     /// Augment the real training pairs on the fly with the `[transforms]` chain (prepared
-    /// on a background thread while the previous step runs).
+    /// on a background thread while the previous step runs). In a pix2pix pre-training
+    /// run: the chain's spatial part only, on image and mask alike.
     #[serde(default)]
     pub transforms: bool,
 }

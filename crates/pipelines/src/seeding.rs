@@ -39,6 +39,9 @@ pub enum Purpose {
     /// The on-the-fly transforms of Separate's synthetic pairs (`separate.transforms`), one
     /// stream per image of each iteration.
     SyntheticTransforms = 13,
+    /// The spatial transforms of the generator's pre-training pairs (`train.transforms` in
+    /// a pix2pix run), one stream per pair of each iteration.
+    PairTransforms = 14,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.

@@ -10,7 +10,9 @@
 //! Both use Adam; the generator's optimizer holds its weights only, so the architecture
 //! weights α stay at their initial values (the reference does not train them here either) but
 //! are saved with the weights. The mask is `{0, 1}` and the target image `[0, 1]`, as in the
-//! reference.
+//! reference. With `train.transforms` each pair is first augmented by the spatial part of
+//! the `[transforms]` chain (rotation, scaling, mirroring; image and mask alike, intensities
+//! untouched), so that a handful of pairs cannot be memorised whole (docs/results.md, DRIVE).
 //!
 //! Every `val_every` iterations (and before the first) the generator synthesises images for
 //! the validation masks; `metrics.jsonl` gets their L1 and SSIM against the real images, the
@@ -28,6 +30,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use genseg_data::dataset::Dataset;
 use genseg_data::split::Split;
+use genseg_data::transforms::TransformConfig;
 use genseg_data::writer::{image_grid, images_from_tensor, write_image};
 use genseg_generator::pix2pix::{DISCRIMINATOR_OPTIMIZER, GENERATOR_OPTIMIZER, Pix2Pix};
 use genseg_generator::ssim::ssim;
@@ -97,6 +100,8 @@ struct Pretrainer {
     val_set: Dataset,
     nets: Pix2Pix,
     opt_g: Adam,
+    /// The spatial chain the training pairs go through (`train.transforms`).
+    pair_transforms: Option<TransformConfig>,
     iteration: u64,
     initial_l1: f64,
 }
@@ -256,7 +261,9 @@ impl Pretrainer {
             }
             None => (0, f64::NAN),
         };
+        let pair_transforms = cfg.train.transforms.then(|| cfg.transforms.spatial());
         Ok(Self {
+            pair_transforms,
             cfg,
             root: root.to_path_buf(),
             device: device.clone(),
@@ -329,7 +336,17 @@ impl Pipeline for Pretrainer {
             self.cfg.train.batch_size,
             self.iteration,
         );
-        let (real, mask) = self.train_set.batch(&idx, &self.device)?;
+        let (real, mask) = match &self.pair_transforms {
+            None => self.train_set.batch(&idx, &self.device)?,
+            Some(chain) => {
+                let (mut images, mut masks) = self.train_set.batch_values(&idx)?;
+                let (seed, first) = (self.cfg.seed, self.iteration * idx.len() as u64);
+                chain.apply_batch(&mut images, &mut masks, self.train_set.chw(), |k| {
+                    rng_for(seed, Purpose::PairTransforms, first + k as u64)
+                });
+                self.train_set.batch_tensors(images, masks, &self.device)?
+            }
+        };
         let mut rng = rng_for(self.cfg.seed, Purpose::GeneratorDropout, self.iteration);
         let losses = self.nets.step(&mut self.opt_g, &mask, &real, &mut rng)?;
         self.iteration += 1;
