@@ -403,15 +403,8 @@ mod tests {
         TransformConfig {
             p_rotation: 0.0,
             p_scale: 0.0,
-            p_noise: 0.0,
-            p_blur: 0.0,
-            p_brightness: 0.0,
-            p_contrast: 0.0,
-            p_low_resolution: 0.0,
-            p_gamma_inverted: 0.0,
-            p_gamma: 0.0,
             p_mirror: 0.0,
-            ..TransformConfig::default()
+            ..TransformConfig::default().spatial()
         }
     }
 
