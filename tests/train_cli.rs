@@ -188,6 +188,48 @@ fn baseline_beats_the_mean_mask_and_evaluate_predict_work() {
     assert!(m.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
     assert_eq!(std::fs::read_dir(pred.join("overlays")).unwrap().count(), 2);
 
+    // Scoring at each image's own size (80 px, the run works at 64) is `predict` followed
+    // by `score` at that size: two paths, one number.
+    let native = tmp.path().join("eval-native");
+    ok(&[
+        "evaluate",
+        "--run",
+        &s(&run),
+        "--data",
+        &s(&big),
+        "--resolution",
+        "native",
+        "--out",
+        &s(&native),
+    ]);
+    let scored = tmp.path().join("score-80");
+    ok(&[
+        "score",
+        "--predictions",
+        &s(&pred.join("masks")),
+        "--data",
+        &s(&big),
+        "--size",
+        "80",
+        "--out",
+        &s(&scored),
+    ]);
+    let (native, scored) = (
+        summary(&native.join("summary.json")),
+        summary(&scored.join("summary.json")),
+    );
+    assert_eq!(native["resolution"], "native");
+    assert_eq!(scored["resolution"], 80);
+    for metric in ["dice", "iou", "precision", "recall"] {
+        let (a, b) = (
+            native[metric]["mean"].as_f64().unwrap(),
+            scored[metric]["mean"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-9, "{metric}: evaluate {a} vs score {b}");
+    }
+    let err = fails(&["evaluate", "--run", &s(&run), "--resolution", "full"]);
+    assert!(err.contains("full") && err.contains("native"), "{err}");
+
     // A corrupt checkpoint is a named error, not a panic.
     std::fs::write(
         run.join("best/weights.safetensors"),

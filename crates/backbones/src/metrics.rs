@@ -35,6 +35,78 @@ impl std::fmt::Display for EmptyPolicy {
     }
 }
 
+/// The resolution at which predictions are compared with the truth.
+///
+/// Written as `"working"`, `"native"` or a side in pixels (`256`) in configs and on the
+/// command line. Thin structures (vessels) lose most of their pixels when the truth is
+/// shrunk to a small working size, so their scores depend on it: compare methods trained
+/// at different sizes at `"native"` or one common side.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ResolutionRepr", into = "ResolutionRepr")]
+pub enum ScoreResolution {
+    /// The working size (`data.size`), against the truth resized to it (nearest).
+    #[default]
+    Working,
+    /// Each image's own size: the logits resized (bilinear) to the mask file's size.
+    Native,
+    /// One square side for every case: the logits resized (bilinear), the truth file
+    /// resized (nearest), as `genseg score --size` does.
+    Square(u32),
+}
+
+/// The config form of [`ScoreResolution`]: a name or a side in pixels.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum ResolutionRepr {
+    Side(u32),
+    Name(String),
+}
+
+impl TryFrom<ResolutionRepr> for ScoreResolution {
+    type Error = String;
+    fn try_from(repr: ResolutionRepr) -> std::result::Result<Self, String> {
+        match repr {
+            ResolutionRepr::Side(side) => format!("{side}").parse(),
+            ResolutionRepr::Name(name) => name.parse(),
+        }
+    }
+}
+
+impl From<ScoreResolution> for ResolutionRepr {
+    fn from(r: ScoreResolution) -> Self {
+        match r {
+            ScoreResolution::Square(side) => ResolutionRepr::Side(side),
+            other => ResolutionRepr::Name(other.to_string()),
+        }
+    }
+}
+
+impl std::str::FromStr for ScoreResolution {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "working" => Ok(ScoreResolution::Working),
+            "native" => Ok(ScoreResolution::Native),
+            _ => match s.parse::<u32>() {
+                Ok(side) if side > 0 => Ok(ScoreResolution::Square(side)),
+                _ => Err(format!(
+                    "score resolution {s:?}: expected \"working\", \"native\" or a side in pixels (> 0)"
+                )),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ScoreResolution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScoreResolution::Working => f.write_str("working"),
+            ScoreResolution::Native => f.write_str("native"),
+            ScoreResolution::Square(side) => write!(f, "{side}"),
+        }
+    }
+}
+
 /// A binary mask of `height * width` pixels, row-major.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BinaryMask {
@@ -92,6 +164,8 @@ pub struct MetricOptions {
     pub hd95: bool,
     /// The both-empty policy.
     pub empty_policy: EmptyPolicy,
+    /// Where predictions and truth are compared (evaluation and validation alike).
+    pub resolution: ScoreResolution,
 }
 
 /// One case's scores; `None` means excluded (policy or undefined).
@@ -284,6 +358,7 @@ mod tests {
         let opts = MetricOptions {
             empty_policy: EmptyPolicy::Exclude,
             hd95: true,
+            ..Default::default()
         };
         let ex = case_metrics(&empty, &empty, &opts)?;
         assert_eq!(ex, CaseMetrics::default());

@@ -10,7 +10,9 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{CaseMetrics, EmptyPolicy, METRIC_NAMES, MetricOptions, percentile};
+use crate::metrics::{
+    CaseMetrics, EmptyPolicy, METRIC_NAMES, MetricOptions, ScoreResolution, percentile,
+};
 
 /// One evaluated case.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -95,6 +97,9 @@ pub struct Summary {
     pub checkpoint: String,
     /// How both-empty cases were scored.
     pub empty_policy: EmptyPolicy,
+    /// The resolution predictions and truth were compared at.
+    #[serde(default)]
+    pub resolution: ScoreResolution,
 }
 
 /// Aggregates per-case results.
@@ -118,6 +123,7 @@ pub fn summarize(
         dataset: dataset.to_string(),
         checkpoint: checkpoint.to_string(),
         empty_policy: opts.empty_policy,
+        resolution: opts.resolution,
     }
 }
 
@@ -210,6 +216,7 @@ mod tests {
         let opts = MetricOptions {
             empty_policy: EmptyPolicy::Exclude,
             hd95: false,
+            resolution: ScoreResolution::Square(256),
         };
         let summary = write_reports(dir.path(), &cases, &opts, "phantoms", "best")?;
         assert_eq!(summary.metrics["dice"].n, 2);
@@ -230,6 +237,7 @@ mod tests {
             assert!(json.get(key).is_some(), "summary.json lacks {key}");
         }
         assert_eq!(json["empty_policy"], "exclude");
+        assert_eq!(json["resolution"], 256);
         assert_eq!(json["dice"]["median"], 0.75);
         let csv = std::fs::read_to_string(dir.path().join("per_case.csv"))?;
         assert_eq!(csv.lines().next(), Some("id,dice,iou,precision,recall"));

@@ -15,8 +15,8 @@ use rayon::prelude::*;
 use crate::error::{DataError, Result};
 use crate::layout::{Layout, LayoutChoice, SamplePair, discover};
 use crate::preprocess::{
-    ChannelPolicy, ImageFilter, MaskRule, MaskValues, colour_channels, decode, equalize, gamma,
-    resize_image, resize_mask, to_channels,
+    ChannelPolicy, ImageFilter, MaskRule, colour_channels, decode, equalize, gamma,
+    read_binary_mask, resize_image, resize_mask, to_channels,
 };
 
 /// A width x height pair.
@@ -88,6 +88,8 @@ pub struct Sample {
 pub struct Dataset {
     root: Option<PathBuf>,
     layout: Option<Layout>,
+    /// The rule the masks were binarised by (None for samples built in memory).
+    mask_rule: Option<MaskRule>,
     channels: usize,
     size: ImageSize,
     samples: Vec<Sample>,
@@ -109,26 +111,19 @@ fn load_pair(
     channels: Option<usize>,
 ) -> Result<Decoded> {
     let image = decode(&pair.image)?;
-    let mask = MaskValues::read(&pair.mask)?;
-    if (mask.width, mask.height) != (image.width(), image.height()) {
+    let mut mask_image = read_binary_mask(&pair.mask, rule)?;
+    if mask_image.dimensions() != (image.width(), image.height()) {
         return Err(DataError::MaskSizeMismatch {
             mask: pair.mask.clone(),
             image: pair.image.clone(),
-            mask_w: mask.width,
-            mask_h: mask.height,
+            mask_w: mask_image.width(),
+            mask_h: mask_image.height(),
             image_w: image.width(),
             image_h: image.height(),
         });
     }
-    let binary = mask.binarise(rule, &pair.mask)?;
     let channels = channels.unwrap_or_else(|| colour_channels(&image));
     let (image, width, height) = preprocess_image(&image, config, channels);
-    let mut mask_image = GrayImage::from_raw(mask.width, mask.height, binary).ok_or_else(|| {
-        DataError::Config(format!(
-            "{}: mask buffer does not match its size",
-            pair.mask.display()
-        ))
-    })?;
     if let Some(size) = config.size {
         mask_image = resize_mask(&mask_image, size.width, size.height);
     }
@@ -270,11 +265,13 @@ impl Dataset {
                 });
             }
         }
-        Self::from_samples(
+        let mut dataset = Self::from_samples(
             decoded.into_iter().map(|d| d.sample).collect(),
             channels,
             ImageSize { width, height },
-        )
+        )?;
+        dataset.mask_rule = Some(rule);
+        Ok(dataset)
     }
 
     /// Builds a dataset from samples already in memory (e.g. phantoms), checking every buffer's
@@ -309,6 +306,7 @@ impl Dataset {
         Ok(Dataset {
             root: None,
             layout: None,
+            mask_rule: None,
             channels,
             size,
             samples,
@@ -394,6 +392,7 @@ impl Dataset {
         Ok(Dataset {
             root: self.root.clone(),
             layout: self.layout,
+            mask_rule: self.mask_rule,
             channels: self.channels,
             size: self.size,
             samples,
@@ -471,6 +470,20 @@ impl Dataset {
                 .collect(),
         )
         .ok_or_else(|| DataError::Config(format!("sample {}: mask does not match the size", s.id)))
+    }
+
+    /// Sample `i`'s truth as its mask file holds it, at the file's own size (before any
+    /// resizing), binarised to {0, 1} by the rule the dataset was loaded with: what a score at
+    /// the image's own resolution compares against.
+    pub fn source_mask(&self, i: usize) -> Result<GrayImage> {
+        let s = self.sample(i)?;
+        match (&s.source, self.mask_rule) {
+            (Some(pair), Some(rule)) => read_binary_mask(&pair.mask, rule),
+            _ => Err(DataError::Config(format!(
+                "sample {}: built in memory, so it has no mask file at its own size",
+                s.id
+            ))),
+        }
     }
 
     fn sample(&self, i: usize) -> Result<&Sample> {
@@ -644,7 +657,25 @@ mod tests {
                 assert!(s.mask.iter().all(|&v| v <= 1));
                 assert_eq!(s.mask.iter().filter(|&&v| v == 1).count(), 32);
             }
+            // The truth at each file's own size survives the resize, and a subset keeps it.
+            let b = data.subset(&[1]).unwrap().source_mask(0).unwrap();
+            assert_eq!(b.dimensions(), (4, 4));
+            assert_eq!(b.as_raw()[..4], [1, 1, 0, 0]);
+            assert_eq!(data.source_mask(0).unwrap().dimensions(), (10, 6));
         }
+        let built = Dataset::from_samples(
+            vec![Sample {
+                id: "mem".into(),
+                image: vec![0; 4],
+                mask: vec![0; 4],
+                source: None,
+            }],
+            1,
+            ImageSize::square(2),
+        )
+        .unwrap();
+        let err = built.source_mask(0).unwrap_err().to_string();
+        assert!(err.contains("mem") && err.contains("own size"), "{err}");
     }
 
     #[test]
@@ -681,7 +712,10 @@ mod tests {
             mask_rule: Some(MaskRule::Label(2)),
             ..DataConfig::default()
         };
-        assert_eq!(Dataset::load(d, &cfg).unwrap().samples()[0].mask, [0, 0, 1]);
+        let one_label = Dataset::load(d, &cfg).unwrap();
+        assert_eq!(one_label.samples()[0].mask, [0, 0, 1]);
+        // The truth at the file's own size is binarised by the same rule.
+        assert_eq!(one_label.source_mask(0).unwrap().into_raw(), [0, 0, 1]);
     }
 
     #[test]

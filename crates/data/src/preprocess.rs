@@ -227,6 +227,18 @@ impl MaskValues {
     }
 }
 
+/// Reads a mask file at its own size and binarises it by `rule`: a gray image of {0, 1}.
+pub fn read_binary_mask(path: &Path, rule: MaskRule) -> Result<GrayImage> {
+    let values = MaskValues::read(path)?;
+    let binary = values.binarise(rule, path)?;
+    GrayImage::from_raw(values.width, values.height, binary).ok_or_else(|| {
+        DataError::Config(format!(
+            "{}: mask buffer does not match its size",
+            path.display()
+        ))
+    })
+}
+
 /// The error for a mask with more than two distinct values.
 pub(crate) fn non_binary(path: &Path, histogram: &BTreeMap<u16, u64>) -> DataError {
     let mut examples: Vec<String> = histogram.keys().take(5).map(u16::to_string).collect();

@@ -54,6 +54,7 @@ fn main() -> Result<()> {
         Which::Best,
         Some(&shifted),
         SplitChoice::All,
+        None,
         &run.join("eval-shifted"),
         &device,
     )?;

@@ -190,6 +190,7 @@ pub fn demo(
                 Which::Best,
                 Some(&shifted),
                 SplitChoice::All,
+                None,
                 &run.join("eval-shifted"),
                 device,
             )?;

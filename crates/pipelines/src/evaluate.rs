@@ -4,12 +4,14 @@
 //! prediction).
 //!
 //! Predictions and masks are compared at the run's working resolution
-//! (`data.size`), as the reference does at 256 px.
+//! (`data.size`), as the reference does at 256 px, unless `eval.resolution` (or
+//! `--resolution`) says each image's own size or one common side.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
+pub use genseg_backbones::metrics::ScoreResolution;
 use genseg_backbones::report::Summary;
 use genseg_data::preprocess::ChannelPolicy;
 use genseg_data::split::{read_split_file, select_fold};
@@ -77,7 +79,7 @@ pub fn score_predictions(
 ) -> Result<Summary> {
     use genseg_backbones::metrics::{BinaryMask, MetricOptions, case_metrics};
     use genseg_backbones::report::{CaseResult, write_reports};
-    use genseg_data::preprocess::{MaskRule, MaskValues, resize_mask};
+    use genseg_data::preprocess::{MaskRule, read_binary_mask, resize_mask};
     let config = genseg_data::DataConfig {
         size: Some(genseg_data::ImageSize::square(size)),
         ..Default::default()
@@ -88,7 +90,10 @@ pub fn score_predictions(
         data = data.subset(&data.indices_of(ids)?)?;
     }
     let side = size as usize;
-    let opts = MetricOptions::default();
+    let opts = MetricOptions {
+        resolution: ScoreResolution::Square(size),
+        ..Default::default()
+    };
     let mut cases = Vec::with_capacity(data.len());
     for sample in data.samples() {
         let path = pred_dir.join(format!("{}.png", sample.id));
@@ -98,11 +103,7 @@ pub fn score_predictions(
             sample.id,
             path.display()
         );
-        let values = MaskValues::read(&path)?;
-        let binary = values.binarise(MaskRule::NonZero, &path)?;
-        let mask = image::GrayImage::from_raw(values.width, values.height, binary)
-            .with_context(|| format!("{}: mask buffer does not match its size", path.display()))?;
-        let mask = resize_mask(&mask, size, size);
+        let mask = resize_mask(&read_binary_mask(&path, MaskRule::NonZero)?, size, size);
         let pred = BinaryMask {
             height: side,
             width: side,
@@ -128,17 +129,22 @@ pub fn score_predictions(
     )
 }
 
-/// `genseg evaluate`: returns the summary written to `out`.
+/// `genseg evaluate`: returns the summary written to `out`. `resolution` replaces the
+/// run's `eval.resolution` (where predictions and truth are compared).
 pub fn evaluate_run(
     run_dir: &Path,
     which: Which,
     data_dir: Option<&Path>,
     split: SplitChoice,
+    resolution: Option<ScoreResolution>,
     out: &Path,
     device: &Device,
 ) -> Result<Summary> {
     let loaded = load_run(run_dir, which, device)?;
     let mut cfg = loaded.cfg.clone();
+    if let Some(resolution) = resolution {
+        cfg.eval.resolution = resolution;
+    }
     let data_dir = data_dir
         .map(Path::to_path_buf)
         .unwrap_or_else(|| cfg.data.path.clone());

@@ -83,6 +83,7 @@ fn a_registered_backbone_trains_evaluates_and_predicts() -> Result<()> {
         Which::Best,
         None,
         SplitChoice::Test,
+        None,
         &dir.path().join("eval"),
         &device,
     )?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::Device;
 use clap::Args;
-use genseg_pipelines::evaluate::{SplitChoice, evaluate_run};
+use genseg_pipelines::evaluate::{ScoreResolution, SplitChoice, evaluate_run};
 use genseg_pipelines::run_dir::Which;
 
 /// Arguments of `genseg evaluate`.
@@ -23,6 +23,11 @@ pub struct EvaluateArgs {
     /// Cases to score; default: `test` on the run's dataset, `all` on another.
     #[arg(long, value_parser = genseg::choice::<SplitChoice>(genseg::names::SPLIT))]
     split: Option<SplitChoice>,
+    /// Where predictions and truth are compared: `working` (the run's `data.size`),
+    /// `native` (each image's own size) or a side in pixels; default: the run's
+    /// `eval.resolution`.
+    #[arg(long)]
+    resolution: Option<ScoreResolution>,
     /// Report folder; default: `<run>/eval-<dataset>-<split>`.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -52,6 +57,7 @@ pub fn run(args: EvaluateArgs, device: &Device) -> Result<()> {
         args.checkpoint,
         args.data.as_deref(),
         split,
+        args.resolution,
         &out,
         device,
     )?;
