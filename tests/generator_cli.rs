@@ -304,14 +304,21 @@ fn pretrain_resume_after_sigkill_is_bit_identical() {
     assert_pretrain_resume_is_bit_identical(&[]);
 }
 
+/// Plain pre-training on the phantoms of [`assert_pretrain_resume_is_bit_identical`], for
+/// a variant to differ from: the data folder and the run's metrics.
+fn plain_pretrain(dir: &Path) -> (std::path::PathBuf, Vec<serde_json::Value>) {
+    let data = dir.join("lungs");
+    lung_phantoms(&data, 20);
+    let plain = dir.join("plain");
+    ok(&pretrain_args(&data, &plain, 60, &[]));
+    (data, metrics(&plain))
+}
+
 #[test]
 fn pretrain_on_spatially_transformed_pairs_resumes_bit_identically_and_differs() {
     let augmented = assert_pretrain_resume_is_bit_identical(&["--set", "train.transforms=true"]);
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("lungs");
-    lung_phantoms(&data, 20);
-    let plain = tmp.path().join("plain");
-    ok(&pretrain_args(&data, &plain, 60, &[]));
+    let (_, plain) = plain_pretrain(tmp.path());
     let l1 = |lines: &[serde_json::Value]| -> Vec<f64> {
         lines
             .iter()
@@ -319,7 +326,7 @@ fn pretrain_on_spatially_transformed_pairs_resumes_bit_identically_and_differs()
             .map(|l| number(l, "val_l1"))
             .collect()
     };
-    let (a, p) = (l1(&augmented), l1(&metrics(&plain)));
+    let (a, p) = (l1(&augmented), l1(&plain));
     assert_eq!(
         (a[0], a.len()),
         (p[0], p.len()),
@@ -396,6 +403,75 @@ fn strong_separate_with_transformed_synthetic_pairs_resumes_bit_identically() {
                 .collect();
             assert!(!synthetic.is_empty() && synthetic.iter().all(|v| v.is_finite()));
         },
+    );
+}
+
+/// A tiny segmentation run at `size` px on lung phantoms, for the consistency term to load.
+fn tiny_segmenter(dir: &Path, size: u32) -> std::path::PathBuf {
+    let data = dir.join("seg-lungs");
+    lung_phantoms(&data, 8);
+    let run = dir.join(format!("seg-{size}"));
+    let size = format!("data.size={size}");
+    ok(&run_args(
+        &["train"],
+        &data,
+        (5, 2, 0),
+        &run,
+        &[&size, "model.unet.base_width=4", "model.unet.depth=2"],
+        4,
+        &[],
+    ));
+    run
+}
+
+/// The mask-consistency term joins the generator's objective (logged, changes the run),
+/// and the run still resumes bit-identically after a kill; a segmenter of another size is
+/// refused by name.
+#[test]
+fn pretrain_with_a_consistency_segmenter_resumes_bit_identically_and_differs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let segmenter = tiny_segmenter(tmp.path(), 32);
+    let run = format!("consistency.run={:?}", s(&segmenter));
+    let with =
+        assert_pretrain_resume_is_bit_identical(&["--set", &run, "--set", "consistency.weight=5"]);
+    let terms: Vec<f64> = with
+        .iter()
+        .filter_map(|l| l["loss_g_consistency"].as_f64())
+        .collect();
+    assert!(
+        !terms.is_empty() && terms.iter().all(|t| t.is_finite() && *t > 0.0),
+        "{terms:?}"
+    );
+    let (data, plain_lines) = plain_pretrain(tmp.path());
+    let l1 = |lines: &[serde_json::Value]| -> Vec<f64> {
+        lines
+            .iter()
+            .filter_map(|l| l["loss_g_l1"].as_f64())
+            .collect()
+    };
+    assert!(
+        plain_lines
+            .iter()
+            .all(|l| l.get("loss_g_consistency").is_none()),
+        "a run without consistency.run logs no consistency term"
+    );
+    assert_ne!(
+        l1(&with),
+        l1(&plain_lines),
+        "the term left training unchanged"
+    );
+
+    let other = tiny_segmenter(tmp.path(), 16);
+    let run = format!("consistency.run={:?}", s(&other));
+    let err = fails(&pretrain_args(
+        &data,
+        &tmp.path().join("wrong"),
+        5,
+        &["--set", &run],
+    ));
+    assert!(
+        err.contains("consistency.run") && err.contains("16 px") && err.contains("32 px"),
+        "{err}"
     );
 }
 

@@ -53,6 +53,8 @@ pub struct Pix2PixLosses {
     pub g_gan: f64,
     /// The generator's (unweighted) L1 part.
     pub g_l1: f64,
+    /// The caller's extra term of [`Pix2Pix::step_with`] (weighted), if any.
+    pub g_extra: Option<f64>,
 }
 
 /// Generator and discriminator (each in its own seeded store), the discriminator's Adam and
@@ -179,14 +181,34 @@ impl Pix2Pix {
         real: &Tensor,
         rng: &mut SeededRng,
     ) -> Result<Pix2PixLosses> {
+        self.step_with(opt_g, masks, real, rng, |_, _| Ok(None))
+    }
+
+    /// [`Pix2Pix::step`] with a term of the caller's added to the generator's objective:
+    /// `extra(fake, masks)` returns it (already weighted; `None` for none), and its value is
+    /// reported as `g_extra`.
+    pub fn step_with(
+        &mut self,
+        opt_g: &mut Adam,
+        masks: &Tensor,
+        real: &Tensor,
+        rng: &mut SeededRng,
+        extra: impl Fn(&Tensor, &Tensor) -> Result<Option<Tensor>>,
+    ) -> Result<Pix2PixLosses> {
         let fake = self.generator.forward_t(masks, true, rng)?;
         let d = self.discriminator_step(masks, real, &fake)?;
         let g = self.generator_loss(masks, real, &fake)?;
-        opt_g.step(&g.total.backward()?)?;
+        let extra = extra(&fake, masks)?;
+        let total = match &extra {
+            Some(term) => (&g.total + term)?,
+            None => g.total.clone(),
+        };
+        opt_g.step(&total.backward()?)?;
         Ok(Pix2PixLosses {
             d,
             g_gan: scalar(&g.gan)?,
             g_l1: scalar(&g.l1)?,
+            g_extra: extra.as_ref().map(scalar).transpose()?,
         })
     }
 

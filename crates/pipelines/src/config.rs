@@ -573,6 +573,30 @@ impl PostChoice {
     }
 }
 
+/// `[consistency]`: a mask-consistency term in the generator's pre-training. A frozen
+/// segmenter trained on the real pairs segments each painted image, and its BCE against
+/// the mask the image was painted for joins the pix2pix objective, weighted: the generator
+/// is asked to paint what the mask says (thin vessels included), not only to look like the
+/// real images in L1 and to the discriminator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsistencySection {
+    /// A segmentation run (any method) whose `best/` checkpoint judges the painted images;
+    /// empty = no consistency term. Stored absolute.
+    pub run: PathBuf,
+    /// Weight of the term beside GAN + λ_L1·L1.
+    pub weight: f64,
+}
+
+impl Default for ConsistencySection {
+    fn default() -> Self {
+        Self {
+            run: PathBuf::new(),
+            weight: 1.0,
+        }
+    }
+}
+
 /// `[separate]`: the synthetic data of `--method separate`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -738,6 +762,10 @@ pub struct RunConfig {
     /// on (nnU-Net's by default).
     #[serde(default)]
     pub transforms: TransformConfig,
+    /// `[consistency]`: the mask-consistency term of generator pre-training (off unless
+    /// `consistency.run` names a segmentation run).
+    #[serde(default)]
+    pub consistency: ConsistencySection,
 }
 
 impl RunConfig {
@@ -804,6 +832,7 @@ impl RunConfig {
             gan: LossConfig::default(),
             eval: MetricOptions::default(),
             transforms: TransformConfig::default(),
+            consistency: ConsistencySection::default(),
         };
         match profile {
             Profile::Paper => paper,
@@ -1014,6 +1043,11 @@ impl RunConfig {
             "data.size {} is too small for the discriminator's {} stride-2 layers",
             self.data.size,
             self.discriminator.n_layers
+        );
+        let w = self.consistency.weight;
+        anyhow::ensure!(
+            w.is_finite() && w >= 0.0,
+            "consistency.weight {w} must be a number >= 0"
         );
         Ok(())
     }

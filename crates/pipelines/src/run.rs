@@ -77,6 +77,9 @@ pub fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
     if !cfg.model.pretrained.as_os_str().is_empty() {
         cfg.model.pretrained = absolute(&cfg.model.pretrained, "pretrained weights")?;
     }
+    if !cfg.consistency.run.as_os_str().is_empty() {
+        cfg.consistency.run = absolute(&cfg.consistency.run, "consistency.run")?;
+    }
     if cfg.method == Method::Separate {
         cfg.separate.generator = absolute(&cfg.separate.generator, "generator run")?;
     }

@@ -13,6 +13,8 @@
 //! reference. With `train.transforms` each pair is first augmented by the spatial part of
 //! the `[transforms]` chain (rotation, scaling, mirroring; image and mask alike, intensities
 //! untouched), so that a handful of pairs cannot be memorised whole (docs/results.md, DRIVE).
+//! With `consistency.run` the generator's step also gets `weight · BCE(S(fake), m)`, where
+//! `S` is that run's frozen segmenter (eval mode): the painted image must show the mask.
 //!
 //! Every `val_every` iterations (and before the first) the generator synthesises images for
 //! the validation masks; `metrics.jsonl` gets their L1 and SSIM against the real images, the
@@ -28,6 +30,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
+use genseg_backbones::SegModel;
 use genseg_data::dataset::Dataset;
 use genseg_data::split::Split;
 use genseg_data::transforms::TransformConfig;
@@ -35,18 +38,21 @@ use genseg_data::writer::{image_grid, images_from_tensor, write_image};
 use genseg_generator::pix2pix::{DISCRIMINATOR_OPTIMIZER, GENERATOR_OPTIMIZER, Pix2Pix};
 use genseg_generator::ssim::ssim;
 use genseg_nn::checkpoint::Checkpoint;
+use genseg_nn::ops::bce_with_logits;
 use genseg_nn::optim::{Adam, AdamConfig, Optimizer};
 use serde_json::{Map, Value, json};
 
 use crate::config::{Method, RunConfig};
+use crate::evaluate::load_run;
 use crate::learner::{
     CheckpointMeta, Color, Figure, Goal, Learner, Observer, Pipeline, State, Validation, curve,
     panel,
 };
 use crate::run::{PreparedRun, cadence, prepare_run, read_generator_run, reopen_run, subsets};
-use crate::run_dir::RunDir;
+use crate::run_dir::{RunDir, Which};
 use crate::seeding::batch_indices;
 use crate::seeding::{Purpose, rng_for, seed_for};
+use crate::segmenter::Segmenter;
 
 /// Validation masks shown in each sample grid (rows).
 pub const SAMPLE_ROWS: usize = 4;
@@ -102,8 +108,39 @@ struct Pretrainer {
     opt_g: Adam,
     /// The spatial chain the training pairs go through (`train.transforms`).
     pair_transforms: Option<TransformConfig>,
+    /// The frozen segmenter of `consistency.run` and the term's weight.
+    consistency: Option<(Segmenter, f64)>,
     iteration: u64,
     initial_l1: f64,
+}
+
+/// The frozen segmenter of `consistency.run` (its `best/` checkpoint) with the term's
+/// weight, or `None` when the term is off. It must work at the generator's size and take
+/// its channel count.
+fn consistency_segmenter(cfg: &RunConfig, device: &Device) -> Result<Option<(Segmenter, f64)>> {
+    let c = &cfg.consistency;
+    if c.run.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let loaded = load_run(&c.run, Which::Best, device)
+        .with_context(|| format!("consistency.run {}", c.run.display()))?;
+    anyhow::ensure!(
+        loaded.cfg.data.size == cfg.data.size
+            && loaded.cfg.model.in_channels() == cfg.generator.out_channels,
+        "consistency.run {}: its segmenter takes {}-channel images at {} px, the generator \
+         paints {}-channel images at {} px",
+        c.run.display(),
+        loaded.cfg.model.in_channels(),
+        loaded.cfg.data.size,
+        cfg.generator.out_channels,
+        cfg.data.size
+    );
+    tracing::info!(
+        "consistency term: weight {} x BCE of the frozen segmenter {} on the painted images",
+        c.weight,
+        loaded.checkpoint.display()
+    );
+    Ok(Some((loaded.model, c.weight)))
 }
 
 /// The folder of sample grids.
@@ -262,8 +299,10 @@ impl Pretrainer {
             None => (0, f64::NAN),
         };
         let pair_transforms = cfg.train.transforms.then(|| cfg.transforms.spatial());
+        let consistency = consistency_segmenter(&cfg, device)?;
         Ok(Self {
             pair_transforms,
+            consistency,
             cfg,
             root: root.to_path_buf(),
             device: device.clone(),
@@ -348,12 +387,25 @@ impl Pipeline for Pretrainer {
             }
         };
         let mut rng = rng_for(self.cfg.seed, Purpose::GeneratorDropout, self.iteration);
-        let losses = self.nets.step(&mut self.opt_g, &mask, &real, &mut rng)?;
+        let consistency = self.consistency.as_ref();
+        let losses =
+            self.nets
+                .step_with(&mut self.opt_g, &mask, &real, &mut rng, |fake, masks| {
+                    consistency
+                        .map(|(segmenter, weight)| -> Result<_> {
+                            let logits = segmenter.forward_t(fake, false)?;
+                            Ok((bce_with_logits(&logits, masks)? * *weight)?)
+                        })
+                        .transpose()
+                })?;
         self.iteration += 1;
         let mut record = Map::new();
         record.insert("loss_d".into(), json!(losses.d));
         record.insert("loss_g_gan".into(), json!(losses.g_gan));
         record.insert("loss_g_l1".into(), json!(losses.g_l1));
+        if let Some(term) = losses.g_extra {
+            record.insert("loss_g_consistency".into(), json!(term));
+        }
         record.insert("lr".into(), json!(self.opt_g.learning_rate()));
         Ok(record)
     }
