@@ -8,6 +8,10 @@
 //! `discriminator.`, `gan.`) adds no variant to a method without a generator: it would be
 //! the method itself, trained again.
 //!
+//! Runs go seed by seed, each seed's variants in table order; the generator of a seed is
+//! pre-trained just before its first variant that uses one. In every override `{seed}`
+//! stands for the seed and `{out}` for `--out` (see [`for_seed`]).
+//!
 //! Layout of `--out`: `pix2pix-s<seed>/` (generator pre-training), `<variant>-s<seed>/`
 //! (segmentation runs, with `eval-test/` and `eval-<ood>-all/`), `results.csv` (one line
 //! per run) and `results.md` (mean ± std over seeds per variant, and the difference to the
@@ -301,13 +305,23 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
     let mut rows = Vec::new();
     for &seed in &plan.study.seeds {
         let pix2pix = plan.study.out.join(format!("pix2pix-s{seed}"));
-        if variants.iter().any(Variant::uses_generator) {
-            let args = pretrain_args(&common(seed), &pix2pix, &plan.pretrain_sets);
-            train_or_resume(&bin, "pretrain-generator", &pix2pix, None, &args)?;
-        }
+        let sets = for_seed(&plan.sets, seed, &plan.study.out);
+        let mut pretrained = false;
         for variant in &variants {
+            // The generator is pre-trained just before the first variant that uses it, so
+            // its overrides can name a run of the same seed trained before it.
+            if variant.uses_generator() && !pretrained {
+                let pretrain_sets = for_seed(&plan.pretrain_sets, seed, &plan.study.out);
+                let args = pretrain_args(&common(seed), &pix2pix, &pretrain_sets);
+                train_or_resume(&bin, "pretrain-generator", &pix2pix, None, &args)?;
+                pretrained = true;
+            }
             let run = plan.study.out.join(format!("{}-s{seed}", variant.name));
-            let args = variant.train_args(&common(seed), Some(&pix2pix), &run, &plan.sets);
+            let variant = Variant {
+                sets: for_seed(&variant.sets, seed, &plan.study.out),
+                ..variant.clone()
+            };
+            let args = variant.train_args(&common(seed), Some(&pix2pix), &run, &sets);
             let test_summary = run.join("eval-test").join("summary.json");
             train_or_resume(&bin, "train", &run, Some(&test_summary), &args)?;
             let ood_dice = match &plan.study.ood {
@@ -337,6 +351,19 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
     let table = std::fs::read_to_string(plan.study.out.join("results.md"))?;
     println!("{table}");
     Ok(())
+}
+
+/// `sets` with `{seed}` replaced by the seed and `{out}` by the study folder, so that one
+/// override can name a file of each seed, e.g. the strong run of the same seed as the
+/// segmenter of the generator's consistency term:
+/// `--pretrain-set 'consistency.run="{out}/strong-s{seed}"'` with `strong` listed first.
+pub(crate) fn for_seed(sets: &[String], seed: u64, out: &Path) -> Vec<String> {
+    sets.iter()
+        .map(|kv| {
+            kv.replace("{seed}", &seed.to_string())
+                .replace("{out}", &s(out))
+        })
+        .collect()
 }
 
 /// Mean and sample standard deviation over seeds (n − 1), 0 for a single seed.
@@ -513,6 +540,77 @@ mod tests {
                 "strong-separate-transformed",
                 "strong-separate-mixed"
             ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn seed_and_out_placeholders_are_filled_per_seed() {
+        let sets = [
+            "consistency.run=\"{out}/strong-s{seed}\"".to_string(),
+            "train.lr=0.01".to_string(),
+        ];
+        assert_eq!(
+            for_seed(&sets, 2, Path::new("/runs/x")),
+            ["consistency.run=\"/runs/x/strong-s2\"", "train.lr=0.01"]
+        );
+    }
+
+    /// The generator of a seed is pre-trained after the variants before its first user,
+    /// with its overrides naming that seed's runs: checked with a stand-in `genseg` that
+    /// logs each call and writes what the study reads back.
+    #[cfg(unix)]
+    #[test]
+    fn a_seed_pretrains_its_generator_after_the_runs_it_may_name() -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("calls.log");
+        let bin = dir.path().join("genseg");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {log}\nwhile [ \"$1\" != --out ]; do shift; done\n\
+                 mkdir -p \"$2/eval-test\"\necho '{{\"dice\":{{\"mean\":0.5}}}}' > \
+                 \"$2/eval-test/summary.json\"\necho '{{\"seconds\":1}}' > \"$2/metrics.jsonl\"\n",
+                log = log.display()
+            ),
+        )?;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+        let mut plan = plan(&["strong", "strong-separate"], &[]);
+        plan.study.out = dir.path().join("study");
+        plan.study.seeds = vec![0, 1];
+        plan.study.genseg_bin = Some(bin);
+        plan.pretrain_sets = vec!["consistency.run=\"{out}/strong-s{seed}\"".into()];
+        run(dir.path(), &plan)?;
+        let calls: Vec<String> = std::fs::read_to_string(&log)?
+            .lines()
+            .map(|l| {
+                let out = l.split(" --out ").nth(1).unwrap_or_default();
+                let run = out.split(' ').next().unwrap_or_default();
+                let run = Path::new(run).file_name().unwrap_or_default();
+                format!(
+                    "{} {}",
+                    l.split(' ').next().unwrap_or_default(),
+                    s(Path::new(run))
+                )
+            })
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                "train strong-s0",
+                "pretrain-generator pix2pix-s0",
+                "train strong-separate-s0",
+                "train strong-s1",
+                "pretrain-generator pix2pix-s1",
+                "train strong-separate-s1"
+            ]
+        );
+        let text = std::fs::read_to_string(&log)?;
+        let study = plan.study.out.display();
+        assert!(
+            text.contains(&format!("--set consistency.run=\"{study}/strong-s1\"")),
+            "{text}"
         );
         Ok(())
     }

@@ -51,10 +51,13 @@ enum Recipe {
             default_value = "baseline,separate,genseg"
         )]
         methods: Vec<String>,
-        /// `--set` overrides for the segmentation runs (all methods).
+        /// `--set` overrides for the segmentation runs (all methods); `{seed}` in a value
+        /// stands for the run's seed, `{out}` for `--out`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
-        /// `--set` overrides for the generator pre-training runs.
+        /// `--set` overrides for the generator pre-training runs, with `{seed}` and `{out}`
+        /// as in `--set`; e.g. `consistency.run="{out}/strong-s{seed}"` (the generator of a
+        /// seed is pre-trained after the variants listed before the first that uses it).
         #[arg(long = "pretrain-set", value_name = "KEY=VALUE")]
         pretrain_sets: Vec<String>,
         /// A piece taken away: adds, per method, the variant `<method>-NAME` trained with

@@ -16,6 +16,7 @@ use genseg_backbones::report::Summary;
 use genseg_data::preprocess::ChannelPolicy;
 use genseg_data::split::{read_split_file, select_fold};
 use genseg_nn::checkpoint::Checkpoint;
+use genseg_nn::params::ParamStore;
 
 use crate::config::RunConfig;
 use crate::run_dir::{RunDir, Which};
@@ -39,6 +40,8 @@ pub struct LoadedRun {
     pub cfg: RunConfig,
     /// The model with the checkpoint's weights.
     pub model: Segmenter,
+    /// The store holding those weights (see [`crate::segmenter::frozen_model`]).
+    pub store: ParamStore,
     /// The checkpoint folder it came from.
     pub checkpoint: PathBuf,
 }
@@ -62,6 +65,7 @@ pub fn load_run(run_dir: &Path, which: Which, device: &Device) -> Result<LoadedR
     Ok(LoadedRun {
         cfg,
         model,
+        store,
         checkpoint: dir,
     })
 }

@@ -92,15 +92,29 @@ pub fn build_model(cfg: &RunConfig, device: &Device) -> Result<(ParamStore, Segm
         candle_core::DType::F32,
         device,
     );
-    let mut model = cfg.model.build(store.var_builder())?;
+    let segmenter = segmenter_on(cfg, store.var_builder())?;
+    Ok((store, segmenter))
+}
+
+/// A segmenter on a copy of `store`'s current weights held as constants, not `Var`s: a
+/// backward pass through it (the consistency term of pix2pix pre-training) computes the
+/// gradient of its input only, and no later change to `store` reaches it.
+pub fn frozen_model(cfg: &RunConfig, store: &ParamStore) -> Result<Segmenter> {
+    let weights = store.named_tensors()?.into_iter().collect();
+    let vb = candle_nn::VarBuilder::from_tensors(weights, store.dtype(), store.device());
+    segmenter_on(cfg, vb)
+}
+
+/// The configured backbone (behind mirroring TTA when configured) on the weights of `vb`.
+fn segmenter_on(cfg: &RunConfig, vb: candle_nn::VarBuilder) -> Result<Segmenter> {
+    let mut model = cfg.model.build(vb)?;
     if cfg.model.mirror_tta {
         model = Box::new(MirrorTta(model));
     }
-    let segmenter = Segmenter {
+    Ok(Segmenter {
         model,
         normalisation: cfg.data.normalisation,
-    };
-    Ok((store, segmenter))
+    })
 }
 
 /// Fills a fresh segmenter's `store` from `model.pretrained` when set (a run's start only:
@@ -263,4 +277,61 @@ pub fn finish_training(
         test,
         seconds: end.seconds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Profile;
+    use candle_core::Var;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?)
+    }
+
+    #[test]
+    fn a_frozen_segmenter_gives_its_input_the_same_gradient_and_computes_no_weight_gradient()
+    -> Result<()> {
+        let device = Device::Cpu;
+        let mut cfg = RunConfig::profile(Profile::Cpu);
+        cfg.model.fit_to_data(1);
+        let (store, live) = build_model(&cfg, &device)?;
+        let frozen = frozen_model(&cfg, &store)?;
+        let image = Var::from_tensor(&Tensor::rand(0f32, 1., (1, 1, 32, 32), &device)?)?;
+        let image = image.as_tensor();
+        let live_out = live.forward_t(image, false)?;
+        let frozen_out = frozen.forward_t(image, false)?;
+        assert_eq!(max_abs_diff(&live_out, &frozen_out)?, 0.0);
+        let live_grads = live_out.sqr()?.mean_all()?.backward()?;
+        let frozen_grads = frozen_out.sqr()?.mean_all()?.backward()?;
+        let (Some(a), Some(b)) = (live_grads.get(image), frozen_grads.get(image)) else {
+            anyhow::bail!("the image got no gradient");
+        };
+        assert_eq!(max_abs_diff(a, b)?, 0.0);
+        // The live pass stores a gradient for every weight; the frozen one skips at least
+        // those of the convolutions.
+        let count = |g: &candle_core::backprop::GradStore| g.get_ids().count();
+        let convs = store
+            .trainable_vars()
+            .iter()
+            .filter(|(_, v)| v.rank() == 4)
+            .count();
+        assert!(convs > 0);
+        assert!(
+            count(&frozen_grads) + convs <= count(&live_grads),
+            "{} gradients frozen, {} live, {convs} conv weights",
+            count(&frozen_grads),
+            count(&live_grads)
+        );
+        // A later change to the store (an optimizer step of its run) does not reach it.
+        for (_, var) in store.trainable_vars() {
+            var.set(&var.as_tensor().affine(0.5, 0.1)?)?;
+        }
+        assert_eq!(
+            max_abs_diff(&frozen.forward_t(image, false)?, &frozen_out)?,
+            0.0
+        );
+        assert!(max_abs_diff(&live.forward_t(image, false)?, &frozen_out)? > 0.0);
+        Ok(())
+    }
 }

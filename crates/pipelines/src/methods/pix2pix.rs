@@ -52,7 +52,7 @@ use crate::run::{PreparedRun, cadence, prepare_run, read_generator_run, reopen_r
 use crate::run_dir::{RunDir, Which};
 use crate::seeding::batch_indices;
 use crate::seeding::{Purpose, rng_for, seed_for};
-use crate::segmenter::Segmenter;
+use crate::segmenter::{Segmenter, frozen_model};
 
 /// Validation masks shown in each sample grid (rows).
 pub const SAMPLE_ROWS: usize = 4;
@@ -140,7 +140,8 @@ fn consistency_segmenter(cfg: &RunConfig, device: &Device) -> Result<Option<(Seg
         c.weight,
         loaded.checkpoint.display()
     );
-    Ok(Some((loaded.model, c.weight)))
+    // Constant weights: the term's backward needs only the gradient of the painted images.
+    Ok(Some((frozen_model(&loaded.cfg, &loaded.store)?, c.weight)))
 }
 
 /// The folder of sample grids.
