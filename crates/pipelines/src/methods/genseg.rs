@@ -264,6 +264,11 @@ struct Nets {
     seg: Rc<Segmenter>,
     pix2pix: Rc<RefCell<Pix2Pix>>,
     post: Rc<PostProcessor>,
+    /// The real batch's masks as painted for this iteration's discriminator step, with
+    /// their graph to W_G: level 1's step takes them (the same weights, dropout masks and
+    /// batch statistics would paint the same images) instead of painting them again,
+    /// which would cost a generator pass and move its BatchNorm running statistics twice.
+    painted: Rc<RefCell<Option<Tensor>>>,
 }
 
 struct EndToEnd {
@@ -281,6 +286,23 @@ struct EndToEnd {
     seg_parts: Rc<Cell<(f64, f64)>>,
     augmenter: MaskAugmenter,
     iteration: u64,
+    /// Seconds spent per phase by this process (see [`PhaseSeconds`]).
+    phases: PhaseSeconds,
+}
+
+/// Where a GenSeg iteration's time goes, summed over the iterations this process ran
+/// (a resumed run starts again from zero): logged with every metrics line, so the cost of
+/// each level can be read off any run (docs/performance.md).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+struct PhaseSeconds {
+    /// Drawing the batches: real (plain and the recipe's), augmented masks, validation.
+    inputs: f64,
+    /// Level 1: the discriminator step and the generator step (every `generator_every`).
+    generator: f64,
+    /// Level 2: synthesis and the segmenter step on real + synthetic pairs.
+    segmenter: f64,
+    /// Level 3: the hypergradient and α's step (every `arch_every`).
+    hypergradient: f64,
 }
 
 /// `softmax(α)` per searchable up cell of `generator`, innermost first (the α table's rows).
@@ -296,6 +318,13 @@ pub const ARCH_OPTIMIZER: &str = "arch";
 
 const LEVEL_GENERATOR: usize = 0;
 const LEVEL_SEGMENTER: usize = 1;
+
+/// Seconds since `clock`, which restarts.
+fn lap(clock: &mut Instant) -> f64 {
+    let elapsed = clock.elapsed().as_secs_f64();
+    *clock = Instant::now();
+    elapsed
+}
 
 fn scalar(t: &Tensor) -> candle_core::Result<f64> {
     t.to_dtype(DType::F64)?.to_scalar::<f64>()
@@ -388,6 +417,7 @@ impl EndToEnd {
             seg: seg.clone(),
             pix2pix: Rc::new(RefCell::new(nets)),
             post: Rc::new(PostProcessor::new(post)?),
+            painted: Rc::new(RefCell::new(None)),
         };
         let empty = Tensor::zeros(1, DType::F32, device)?;
         let inputs = Rc::new(RefCell::new(Inputs {
@@ -453,6 +483,7 @@ impl EndToEnd {
             seg_parts,
             augmenter: MaskAugmenter::new(MaskAugmentConfig::default())?,
             iteration,
+            phases: PhaseSeconds::default(),
         })
     }
 
@@ -496,7 +527,9 @@ impl EndToEnd {
         let mut rng = rng_for(self.cfg.seed, Purpose::GeneratorDropout, inputs.iteration);
         let mut p = self.shared.pix2pix.borrow_mut();
         let fake = p.generator.forward_t(&inputs.masks, true, &mut rng)?;
-        p.discriminator_step(&inputs.masks, &inputs.images, &fake)
+        let loss = p.discriminator_step(&inputs.masks, &inputs.images, &fake)?;
+        *self.shared.painted.borrow_mut() = Some(fake);
+        Ok(loss)
     }
 
     /// `softmax(α)` per searchable up cell, innermost first.
@@ -538,9 +571,19 @@ fn generator_loss_fn(nets: &Nets, inputs: &Rc<RefCell<Inputs>>, seed: u64) -> Lo
     let (nets, inputs) = (nets.clone(), inputs.clone());
     Box::new(move || {
         let s = inputs.borrow();
-        let mut rng = rng_for(seed, Purpose::GeneratorDropout, s.iteration);
         let p = nets.pix2pix.borrow();
-        let fake = p.generator.forward_t(&s.masks, true, &mut rng)?;
+        // Hops evaluate the loss at perturbed weights: they always paint afresh.
+        let painted = match s.hop_mode {
+            true => None,
+            false => nets.painted.borrow_mut().take(),
+        };
+        let fake = match painted {
+            Some(fake) => fake,
+            None => {
+                let mut rng = rng_for(seed, Purpose::GeneratorDropout, s.iteration);
+                p.generator.forward_t(&s.masks, true, &mut rng)?
+            }
+        };
         let loss = p
             .generator_loss(&s.masks, &s.images, &fake)
             .map_err(candle_core::Error::msg)?;
@@ -615,7 +658,9 @@ impl Pipeline for EndToEnd {
 
     fn step(&mut self) -> Result<serde_json::Map<String, serde_json::Value>> {
         let it = self.iteration;
+        let mut clock = Instant::now();
         self.draw_inputs(it)?;
+        self.phases.inputs += lap(&mut clock);
         let t = &self.cfg.train;
         let segmenter_lr = t
             .schedule
@@ -626,17 +671,21 @@ impl Pipeline for EndToEnd {
         let mut record = serde_json::Map::new();
         if it % self.cfg.genseg.generator_every == 0 {
             let loss_d = self.discriminator_step()?;
-            let loss_g = self.engine.step_level(LEVEL_GENERATOR)?;
+            let loss_g = self.engine.step_level(LEVEL_GENERATOR);
+            // Never left for a later loss, even when the step failed.
+            self.shared.painted.borrow_mut().take();
+            let loss_g = loss_g?;
             record.insert("loss_d".into(), json!(loss_d));
             record.insert("loss_g".into(), json!(loss_g));
         }
+        self.phases.generator += lap(&mut clock);
         let loss = self.engine.step_level(LEVEL_SEGMENTER)?;
+        self.phases.segmenter += lap(&mut clock);
         let (real, syn) = self.seg_parts.get();
         record.insert("loss".into(), json!(loss));
         record.insert("loss_real".into(), json!(real));
         record.insert("loss_synthetic".into(), json!(syn));
         if (it + 1) % self.cfg.genseg.arch_every == 0 {
-            let t0 = Instant::now();
             self.inputs.borrow_mut().hop_mode = true;
             let upper = self.engine.upper_hypergradient();
             self.inputs.borrow_mut().hop_mode = false;
@@ -664,11 +713,11 @@ impl Pipeline for EndToEnd {
                 json!(upper.entering_norms[LEVEL_GENERATOR]),
             );
             record.insert("norm_arch_grad".into(), json!(norm));
-            record.insert(
-                "hypergradient_seconds".into(),
-                json!(t0.elapsed().as_secs_f64()),
-            );
+            let seconds = lap(&mut clock);
+            self.phases.hypergradient += seconds;
+            record.insert("hypergradient_seconds".into(), json!(seconds));
         }
+        record.insert("phase_seconds".into(), json!(self.phases));
         record.insert("alpha_softmax".into(), json!(self.mixing_weights()?));
         record.insert(
             "lr".into(),
