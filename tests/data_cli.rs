@@ -289,6 +289,42 @@ fn split_writes_a_valid_reproducible_file() {
     assert_eq!(folds.len(), 3);
     assert!(folds.iter().all(|f| f.val.len() == 4 && f.train.len() == 8));
 
+    // Validation folds of the drawn labelled pool: fold 0 is the standard split, every
+    // fold keeps its test cases, 9 labelled cases give four disjoint folds of 2.
+    let pool_folds = dir.path().join("pool-folds.json");
+    let pool_args = |k: &str, out: &Path| {
+        genseg(&[
+            "data",
+            "split",
+            path(&data),
+            "--n-train",
+            "7",
+            "--n-val",
+            "2",
+            "--k-fold",
+            k,
+            "--out",
+            path(out),
+        ])
+    };
+    let run = pool_args("4", &pool_folds);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let pool_folds = read_split_file(&pool_folds).unwrap();
+    assert_eq!(pool_folds.len(), 4);
+    assert_eq!(&pool_folds[0], s);
+    assert!(
+        pool_folds
+            .iter()
+            .all(|f| f.test == s.test && f.train.len() == 7)
+    );
+    let run = pool_args("5", &dir.path().join("z.json"));
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("4 disjoint validation fold(s)"));
+
     let run = genseg(&[
         "data",
         "split",

@@ -45,6 +45,7 @@ fn spec(data: &Path, ood: &Path, dir: &Path) -> RunSpec {
         method: "baseline".into(),
         backbone: "unet".into(),
         seed: 0,
+        fold: 0,
         dir: dir.to_path_buf(),
         steps: vec![
             Step {

@@ -8,6 +8,9 @@
 //! paired by seed, with the two-sided p-value of a paired t-test across seeds. `plots/`
 //! holds a bar chart per dataset and test set and, with several regimes, the
 //! data-efficiency curve; `results.html` ([`crate::report`]) shows it all on one page.
+//! These are the standard split's runs (fold 0). A recipe with `folds = K` adds
+//! `folds.csv` and a results.md table of validation Dice averaged over each seed's K
+//! validation folds (K × n_val labelled images), the signal to choose settings on.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,7 +20,7 @@ use anyhow::{Context, Result};
 use genseg_pipelines::manifest::{self, RunSpec};
 use statrs::distribution::{ContinuousCDF, StudentsT};
 
-use crate::experiment::{loop_seconds, mean_std, read_json};
+use crate::experiment::{best_val_dice, loop_seconds, mean_dice, mean_std, read_json};
 
 /// One finished run scored on one test set.
 #[derive(Debug)]
@@ -55,7 +58,7 @@ fn metric(summary: &serde_json::Value, name: &str, path: &Path) -> Result<f64> {
 
 fn scores(runs: &[RunSpec]) -> Result<Vec<Score>> {
     let mut all = Vec::new();
-    for run in runs {
+    for run in runs.iter().filter(|r| r.fold == 0) {
         let seconds = run_seconds(run);
         for (set, path) in &run.scores {
             if !path.exists() {
@@ -160,7 +163,11 @@ pub fn run(exp: &Path) -> Result<()> {
     std::fs::write(exp.join("results.csv"), csv)?;
     let tables = tables(&runs, &scores);
     let plots = crate::report::plots(exp, &tables)?;
-    let md = markdown(&tables, &plots)?;
+    let mut md = markdown(&tables, &plots)?;
+    if let Some((folds_csv, folds_md)) = fold_validation(&runs, &tables.reference)? {
+        std::fs::write(exp.join("folds.csv"), folds_csv)?;
+        md += &folds_md;
+    }
     std::fs::write(exp.join("results.md"), &md)?;
     crate::report::html(exp, &runs, &tables, &plots)?;
     println!("{md}");
@@ -360,9 +367,150 @@ fn markdown(tables: &Tables, plots: &crate::report::Plots) -> Result<String> {
     Ok(md)
 }
 
+/// Per dataset, regime, backbone and method: each seed's best validation Dice and test
+/// Dice averaged over its K folds (seeds with every fold finished), then mean ± std over
+/// seeds and the paired difference of the validation means to `reference`. `None` when the
+/// manifest has one fold. Returns folds.csv and the results.md section.
+fn fold_validation(runs: &[RunSpec], reference: &str) -> Result<Option<(String, String)>> {
+    let folds = runs.iter().map(|r| r.fold + 1).max().unwrap_or(1);
+    if folds < 2 {
+        return Ok(None);
+    }
+    type Cell<'a> = (&'a str, usize, &'a str, &'a str, &'a str);
+    // cell -> seed -> one (val, test) per finished fold
+    let mut found: BTreeMap<Cell, BTreeMap<u64, Vec<(f64, f64)>>> = BTreeMap::new();
+    let mut csv = String::from("dataset,regime,backbone,method,seed,fold,val_dice,test_dice\n");
+    for r in runs {
+        let Some(test) = r.scores.get("test").filter(|p| p.exists()) else {
+            continue;
+        };
+        let (val, test) = (best_val_dice(&r.dir)?, mean_dice(test)?);
+        writeln!(
+            csv,
+            "{},{},{},{},{},{},{val:.4},{test:.4}",
+            r.dataset, r.regime, r.backbone, r.method, r.seed, r.fold
+        )?;
+        found
+            .entry((&r.dataset, r.n_train, &r.regime, &r.backbone, &r.method))
+            .or_default()
+            .entry(r.seed)
+            .or_default()
+            .push((val, test));
+    }
+    // seed -> (mean val, mean test) over the folds, for the seeds with all of them
+    let means = |seeds: &BTreeMap<u64, Vec<(f64, f64)>>| -> BTreeMap<u64, (f64, f64)> {
+        seeds
+            .iter()
+            .filter(|(_, v)| v.len() == folds)
+            .map(|(&seed, v)| {
+                let n = v.len() as f64;
+                let sum = v.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+                (seed, (sum.0 / n, sum.1 / n))
+            })
+            .collect()
+    };
+    let mut md = format!(
+        "\n### Validation Dice over {folds} folds\n\nEach seed's labelled pool validated \
+         {folds} times (fold 0 is the standard split, the others validate on other labelled \
+         images; same test cases): per seed the mean over its folds of each run's best \
+         validation Dice (and of its test Dice), then mean ± std over the seeds with every \
+         fold finished; Δ: paired by seed against {reference}'s fold means.\n\n| dataset | \
+         regime | backbone | method | seeds | validation Dice | Δ validation vs \
+         {reference} | test Dice, mean over folds |\n|---|---|---|---|---|---|---|---|\n"
+    );
+    for (&(dataset, _, regime, backbone, method), seeds) in &found {
+        let mine = means(seeds);
+        if mine.is_empty() {
+            continue;
+        }
+        let base = found
+            .iter()
+            .find(|(k, _)| (k.0, k.2, k.3, k.4) == (dataset, regime, backbone, reference))
+            .map(|(_, s)| means(s))
+            .unwrap_or_default();
+        let diffs: Vec<f64> = mine
+            .iter()
+            .filter_map(|(seed, m)| Some(m.0 - base.get(seed)?.0))
+            .collect();
+        let delta = if method == reference || diffs.is_empty() {
+            "—".to_string()
+        } else {
+            let (m, sd) = mean_std(&diffs);
+            format!("{:+.1} ± {:.1} pt", 100.0 * m, 100.0 * sd)
+        };
+        let (val, test): (Vec<f64>, Vec<f64>) = mine.values().copied().unzip();
+        let ((vm, vsd), (tm, tsd)) = (mean_std(&val), mean_std(&test));
+        let seeds: Vec<String> = mine.keys().map(u64::to_string).collect();
+        writeln!(
+            md,
+            "| {dataset} | {regime} | {backbone} | {method} | {} | {vm:.3} ± {vsd:.3} | {delta} \
+             | {tm:.3} ± {tsd:.3} |",
+            seeds.join(",")
+        )?;
+    }
+    Ok(Some((csv, md)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fold_run(root: &Path, method: &str, seed: u64, fold: usize, val: f64, test: f64) -> RunSpec {
+        let dir = root.join(format!("{method}-s{seed}-f{fold}"));
+        std::fs::create_dir_all(dir.join("best")).unwrap();
+        std::fs::create_dir_all(dir.join("eval-test")).unwrap();
+        let state = serde_json::json!({"extra": {"best_val_dice": val}});
+        std::fs::write(dir.join("best/state.json"), state.to_string()).unwrap();
+        let summary = serde_json::json!({"dice": {"mean": test}});
+        std::fs::write(dir.join("eval-test/summary.json"), summary.to_string()).unwrap();
+        RunSpec {
+            id: format!("lungs/7+2/unet/{method}/s{seed}/f{fold}"),
+            dataset: "lungs".into(),
+            regime: "7+2".into(),
+            n_train: 7,
+            n_val: 2,
+            method: method.into(),
+            backbone: "unet".into(),
+            seed,
+            fold,
+            steps: Vec::new(),
+            scores: BTreeMap::from([("test".into(), dir.join("eval-test/summary.json"))]),
+            dir,
+        }
+    }
+
+    #[test]
+    fn fold_validation_averages_each_seeds_folds() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let root = tmp.path();
+        let mut runs = vec![
+            fold_run(root, "baseline", 0, 0, 0.80, 0.70),
+            fold_run(root, "baseline", 0, 1, 0.60, 0.72),
+            fold_run(root, "genseg", 0, 0, 0.90, 0.75),
+            fold_run(root, "genseg", 0, 1, 0.70, 0.77),
+            fold_run(root, "baseline", 1, 0, 0.50, 0.60),
+        ];
+        // Seed 1's fold 1 is not finished: the seed is left out of the means.
+        let unfinished = fold_run(root, "baseline", 1, 1, 0.0, 0.0);
+        std::fs::remove_file(&unfinished.scores["test"])?;
+        runs.push(unfinished);
+        let (csv, md) = fold_validation(&runs, "baseline")?.expect("two folds");
+        assert_eq!(csv.lines().count(), 1 + 5, "{csv}");
+        assert!(
+            md.contains(
+                "| lungs | 7+2 | unet | baseline | 0 | 0.700 ± 0.000 | — | 0.710 ± 0.000 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| lungs | 7+2 | unet | genseg | 0 | 0.800 ± 0.000 | +10.0 ± 0.0 pt | 0.760 ± 0.000 |"),
+            "{md}"
+        );
+        // One fold: no section.
+        runs.retain(|r| r.fold == 0);
+        assert!(fold_validation(&runs, "baseline")?.is_none());
+        Ok(())
+    }
 
     #[test]
     fn the_paired_t_test_matches_a_hand_computation() {

@@ -49,6 +49,17 @@ pub struct Recipe {
     pub datasets: Vec<DatasetEntry>,
     /// Labelled-set sizes.
     pub regimes: Vec<Regime>,
+    /// Validation folds per seed: 1 trains on the standard split only; K > 1 also trains
+    /// every cell on folds 1 to K-1 of the seed's labelled pool (same test cases, other
+    /// validation cases), so that `aggregate` reports validation Dice over K × n_val
+    /// labelled images, a signal for choosing settings that does not touch the test set.
+    /// The test tables stay those of fold 0.
+    #[serde(default = "one")]
+    pub folds: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_profile() -> String {
@@ -131,11 +142,20 @@ impl Recipe {
             "profile {:?}: expected cpu, paper or study",
             self.profile
         );
+        anyhow::ensure!(self.folds >= 1, "`folds` must be at least 1");
         for r in &self.regimes {
             anyhow::ensure!(
                 r.n_train > 0 && r.n_val > 0,
                 "regime {}: both sizes must be > 0",
                 r.name()
+            );
+            let most = genseg_data::split::Split::low_data_fold_count(r.n_train, r.n_val);
+            anyhow::ensure!(
+                self.folds <= most,
+                "regime {}: {} folds asked, its labelled pool has {most} disjoint validation \
+                 folds",
+                r.name(),
+                self.folds
             );
         }
         let mut names: Vec<&str> = self.datasets.iter().map(|d| d.name.as_str()).collect();
@@ -151,18 +171,27 @@ impl Recipe {
         Ok(())
     }
 
-    /// Every run of the grid, in the order the pool starts them: seed-major, so an
+    /// Every run of the grid, in the order the pool starts them: fold-major (the standard
+    /// split's runs, which the test tables report, first), then seed-major, so an
     /// interrupted sweep has whole seeds of every cell rather than all seeds of a few.
     pub fn expand(&self, data_root: &Path, out: &Path) -> Vec<RunSpec> {
         let mut runs = Vec::new();
-        for &seed in &self.seeds {
-            for dataset in &self.datasets {
-                for regime in &self.regimes {
-                    for backbone in &self.backbones {
-                        for method in &self.methods {
-                            runs.push(
-                                self.run(data_root, out, dataset, regime, backbone, method, seed),
-                            );
+        for fold in 0..self.folds {
+            for &seed in &self.seeds {
+                for dataset in &self.datasets {
+                    for regime in &self.regimes {
+                        for backbone in &self.backbones {
+                            for method in &self.methods {
+                                let cell = Cell {
+                                    dataset,
+                                    regime,
+                                    backbone,
+                                    method,
+                                    seed,
+                                    fold,
+                                };
+                                runs.push(self.run(data_root, out, &cell));
+                            }
                         }
                     }
                 }
@@ -171,26 +200,32 @@ impl Recipe {
         runs
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
-        data_root: &Path,
-        out: &Path,
-        dataset: &DatasetEntry,
-        regime: &Regime,
-        backbone: &str,
-        method: &str,
-        seed: u64,
-    ) -> RunSpec {
+    fn run(&self, data_root: &Path, out: &Path, cell: &Cell) -> RunSpec {
+        let Cell {
+            dataset,
+            regime,
+            backbone,
+            method,
+            seed,
+            fold,
+        } = *cell;
         let variant = Variant::parse(method);
+        let fold_suffix = |sep: char| {
+            if fold == 0 {
+                String::new()
+            } else {
+                format!("{sep}f{fold}")
+            }
+        };
         let name = format!(
-            "{}-{}-{backbone}-{method}-s{seed}",
+            "{}-{}-{backbone}-{method}-s{seed}{}",
             dataset.name,
-            regime.name()
+            regime.name(),
+            fold_suffix('-')
         );
         let dir = out.join("runs").join(&name);
         let test_summary = dir.join("eval-test").join("summary.json");
-        let common = vec![
+        let mut common = vec![
             "--data".to_string(),
             s(&data_root.join(&dataset.path)),
             "--n-train".into(),
@@ -202,6 +237,9 @@ impl Recipe {
             "--profile".into(),
             self.profile.clone(),
         ];
+        if fold > 0 {
+            common.extend(["--set".into(), format!("data.fold={fold}")]);
+        }
         let mut steps = Vec::new();
         let mut generator = None;
         if variant.uses_generator() {
@@ -232,7 +270,8 @@ impl Recipe {
             done: Some(test_summary.clone()),
         });
         let mut scores = BTreeMap::from([("test".to_string(), test_summary)]);
-        for ood in &dataset.ood {
+        // The other folds only add validation Dice: not scored out of domain.
+        for ood in dataset.ood.iter().filter(|_| fold == 0) {
             let set = ood
                 .file_name()
                 .map_or_else(|| "ood".into(), |n| n.to_string_lossy().into_owned());
@@ -255,9 +294,10 @@ impl Recipe {
         }
         RunSpec {
             id: format!(
-                "{}/{}/{backbone}/{method}/s{seed}",
+                "{}/{}/{backbone}/{method}/s{seed}{}",
                 dataset.name,
-                regime.name()
+                regime.name(),
+                fold_suffix('/')
             ),
             dataset: dataset.name.clone(),
             regime: regime.name(),
@@ -266,11 +306,23 @@ impl Recipe {
             method: method.to_string(),
             backbone: backbone.to_string(),
             seed,
+            fold,
             dir,
             steps,
             scores,
         }
     }
+}
+
+/// One run of the grid: where [`Recipe::expand`]'s loops are.
+#[derive(Clone, Copy)]
+struct Cell<'a> {
+    dataset: &'a DatasetEntry,
+    regime: &'a Regime,
+    backbone: &'a str,
+    method: &'a str,
+    seed: u64,
+    fold: usize,
 }
 
 fn known_recipes(root: &Path) -> Vec<String> {
@@ -548,6 +600,35 @@ n_val = 2
         Ok(())
     }
 
+    /// `folds = K` adds, after every standard-split run, the runs of folds 1 to K-1: same
+    /// seed, `data.fold=i` for the pre-training and the training, no out-of-domain scoring.
+    #[test]
+    fn folds_add_runs_on_the_other_validation_folds() -> Result<()> {
+        let recipe: Recipe = toml::from_str(&format!("folds = 2\n{RECIPE}"))?;
+        recipe.check()?;
+        let runs = recipe.expand(Path::new("/data"), Path::new("/exp"));
+        let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids.len(), 8);
+        assert_eq!(ids[4], "lungs/7+2/unet/baseline/s0/f1");
+        assert_eq!(ids[7], "lungs/7+2/unet/strong-separate/s1/f1");
+        assert!(runs[..4].iter().all(|r| r.fold == 0));
+        let fold = &runs[5];
+        assert_eq!((fold.fold, fold.seed), (1, 0));
+        assert_eq!(
+            fold.dir,
+            Path::new("/exp/runs/lungs-7+2-unet-strong-separate-s0-f1")
+        );
+        assert_eq!(fold.scores.keys().collect::<Vec<_>>(), ["test"]);
+        assert_eq!(fold.steps.len(), 2, "pre-training and training, no ood");
+        for step in &fold.steps {
+            assert!(
+                step.args.join(" ").contains("--set data.fold=1"),
+                "{step:?}"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn a_bad_recipe_is_refused_with_the_reason() {
         for (bad, reason) in [
@@ -557,6 +638,11 @@ n_val = 2
             ),
             (RECIPE.replace("n_val = 2", "n_val = 0"), "regime 7+0"),
             (format!("profile = \"fast\"\n{RECIPE}"), "profile \"fast\""),
+            (
+                format!("folds = 5\n{RECIPE}"),
+                "5 folds asked, its labelled pool has 4",
+            ),
+            (format!("folds = 0\n{RECIPE}"), "at least 1"),
         ] {
             let recipe: Recipe = toml::from_str(&bad).unwrap();
             let err = recipe.check().unwrap_err().to_string();

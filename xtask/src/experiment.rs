@@ -246,6 +246,14 @@ pub(crate) fn mean_dice(summary: &Path) -> Result<f64> {
         .with_context(|| format!("{} has no dice.mean", summary.display()))
 }
 
+/// The best validation Dice a run reached (`best/state.json`'s `extra.best_val_dice`).
+pub(crate) fn best_val_dice(run: &Path) -> Result<f64> {
+    let state = run.join("best").join("state.json");
+    read_json(&state)?["extra"]["best_val_dice"]
+        .as_f64()
+        .with_context(|| format!("{} has no extra.best_val_dice", state.display()))
+}
+
 /// Seconds of the training loop: the `seconds` of the last metrics line.
 pub(crate) fn loop_seconds(run: &Path) -> Result<f64> {
     let path = run.join("metrics.jsonl");

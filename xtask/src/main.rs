@@ -148,6 +148,10 @@ enum Recipe {
         /// The out-of-domain evaluation folder inside each run, e.g. `eval-ph2-all`.
         #[arg(long)]
         ood: Option<String>,
+        /// Choose on the mean validation Dice over this many folds of each seed's labelled
+        /// pool (runs `PREFIX-s<seed>-f<i>` besides `PREFIX-s<seed>`; a recipe's `folds`).
+        #[arg(long, default_value_t = 1)]
+        folds: usize,
         /// Also write the report to this file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -212,6 +216,7 @@ fn main() -> Result<()> {
             candidates,
             seeds,
             ood,
+            folds,
             out,
         } => {
             let candidates = candidates
@@ -225,6 +230,7 @@ fn main() -> Result<()> {
                 candidates,
                 seeds,
                 ood,
+                folds,
             })?;
             if let Some(out) = out {
                 let out = root.join(out);

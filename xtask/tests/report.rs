@@ -79,6 +79,7 @@ fn experiment(exp: &Path) -> Vec<RunSpec> {
                     method: method.into(),
                     backbone: "unet".into(),
                     seed,
+                    fold: 0,
                     dir,
                     steps,
                     scores,

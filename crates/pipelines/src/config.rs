@@ -173,7 +173,9 @@ pub struct DataSection {
     /// A split file (ours or nnU-Net's `splits_final.json`) to use instead of
     /// drawing one; empty = draw with the run's seed.
     pub split_file: PathBuf,
-    /// Which split of `split_file` to use.
+    /// Which split of `split_file` to use; without a split file, which validation fold of the
+    /// drawn labelled pool (0 = the standard split; the others keep its test cases and
+    /// validate on other `n_val` labelled cases, for choosing settings on more images).
     pub fold: usize,
     /// Per-image intensity normalisation in front of the segmenter (`none` or `z_score`,
     /// nnU-Net's); applied to every image the segmenter sees, real or synthetic.
@@ -189,11 +191,12 @@ impl DataSection {
     }
 
     /// The run's split of the pool `ids`: read from `split_file` (fold `fold`), or drawn
-    /// with `seed` (`n_train` + `n_val`, the rest test); checked against `ids`.
+    /// with `seed` (`n_train` + `n_val`, the rest test; validation fold `fold` of those
+    /// labelled cases); checked against `ids`.
     pub fn split(&self, ids: &[String], seed: u64) -> Result<genseg_data::split::Split> {
         use genseg_data::split::{Split, read_split_file, select_fold};
         let split = if self.split_file.as_os_str().is_empty() {
-            Split::low_data(ids, self.n_train, self.n_val, seed)?
+            Split::low_data_fold(ids, self.n_train, self.n_val, self.fold, seed)?
         } else {
             let splits = read_split_file(&self.split_file)?;
             select_fold(&splits, self.fold)?.clone()
@@ -1106,6 +1109,28 @@ mod tests {
                 gamma: 0.8f32 as f64
             }
         );
+    }
+
+    /// `data.fold` without a split file picks a validation fold of the drawn labelled pool:
+    /// fold 0 is the standard split, the others keep its test cases.
+    #[test]
+    fn data_fold_picks_a_validation_fold_of_the_drawn_pool() -> Result<()> {
+        let ids: Vec<String> = (0..20).map(|i| format!("case_{i:02}")).collect();
+        let mut data = RunConfig::profile(Profile::Cpu).data;
+        (data.n_train, data.n_val) = (7, 2);
+        let standard = data.split(&ids, 3)?;
+        assert_eq!(
+            standard,
+            genseg_data::split::Split::low_data(&ids, 7, 2, 3)?
+        );
+        data.fold = 2;
+        let other = data.split(&ids, 3)?;
+        assert_eq!(other.test, standard.test);
+        assert!(other.val.iter().all(|id| standard.train.contains(id)));
+        data.fold = 4;
+        let err = format!("{:#}", data.split(&ids, 3).unwrap_err());
+        assert!(err.contains("4 disjoint validation fold(s)"), "{err}");
+        Ok(())
     }
 
     #[test]

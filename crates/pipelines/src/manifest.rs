@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunSpec {
-    /// `dataset/regime/backbone/method/s<seed>`, unique within the manifest.
+    /// `dataset/regime/backbone/method/s<seed>` (`/f<fold>` after it for folds > 0), unique
+    /// within the manifest.
     pub id: String,
     /// Dataset name (the recipe's).
     pub dataset: String,
@@ -34,6 +35,10 @@ pub struct RunSpec {
     pub backbone: String,
     /// Seed of the split and of every random draw.
     pub seed: u64,
+    /// Validation fold of the seed's labelled pool (`data.fold`; 0 = the standard split,
+    /// the one the test tables report; the others only add cross-validated validation Dice).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fold: usize,
     /// The run's folder (the segmentation run; a generator pre-training lives inside it).
     pub dir: PathBuf,
     /// The commands that make the run, in order.
@@ -41,6 +46,10 @@ pub struct RunSpec {
     /// Test set name -> the `summary.json` its evaluation writes (`test` for the run's own
     /// test split).
     pub scores: BTreeMap<String, PathBuf>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// One `genseg` command of a run.
@@ -142,6 +151,7 @@ mod tests {
             method: "strong".into(),
             backbone: "unet".into(),
             seed: 0,
+            fold: 0,
             dir: dir.to_path_buf(),
             steps: vec![Step {
                 args: vec!["train".into(), "--out".into(), dir.display().to_string()],

@@ -39,12 +39,14 @@ pub enum DataCommand {
         #[arg(long, default_value = "auto")]
         layout: LayoutChoice,
         /// Training cases drawn from the labelled pool (the rest, after validation, is test).
-        #[arg(long, required_unless_present = "k_fold", conflicts_with = "k_fold")]
+        #[arg(long, required_unless_present = "k_fold")]
         n_train: Option<usize>,
         /// Validation cases drawn after the training cases.
-        #[arg(long, default_value_t = 0, conflicts_with = "k_fold")]
+        #[arg(long, default_value_t = 0)]
         n_val: usize,
-        /// Write K cross-validation folds instead.
+        /// Write K cross-validation folds: of the whole dataset (no test cases), or with
+        /// --n-train of the drawn labelled pool (K validation folds of --n-val cases each,
+        /// the first the standard split, every fold with the same test cases).
         #[arg(long)]
         k_fold: Option<usize>,
         /// Seed of the shuffle.
@@ -120,7 +122,10 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             let ids = discover(&dir, layout)?.into_pairs()?;
             let ids: Vec<String> = ids.into_iter().map(|p| p.id).collect();
             let splits = match (k_fold, n_train) {
-                (Some(k), _) => Split::k_fold(&ids, k, seed)?,
+                (Some(k), Some(n_train)) => (0..k)
+                    .map(|fold| Split::low_data_fold(&ids, n_train, n_val, fold, seed))
+                    .collect::<Result<Vec<_>, _>>()?,
+                (Some(k), None) => Split::k_fold(&ids, k, seed)?,
                 (None, Some(n_train)) => vec![Split::low_data(&ids, n_train, n_val, seed)?],
                 (None, None) => bail!("give --n-train (with --n-val) or --k-fold"),
             };
