@@ -403,9 +403,8 @@ fn fold_validation(runs: &[RunSpec], reference: &str) -> Result<Option<(String, 
             .iter()
             .filter(|(_, v)| v.len() == folds)
             .map(|(&seed, v)| {
-                let n = v.len() as f64;
-                let sum = v.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-                (seed, (sum.0 / n, sum.1 / n))
+                let (val, test): (Vec<f64>, Vec<f64>) = v.iter().copied().unzip();
+                (seed, (mean_std(&val).0, mean_std(&test).0))
             })
             .collect()
     };
