@@ -164,7 +164,8 @@ pub fn run(exp: &Path) -> Result<()> {
     let tables = tables(&runs, &scores);
     let plots = crate::report::plots(exp, &tables)?;
     let mut md = markdown(&tables, &plots)?;
-    if let Some((folds_csv, folds_md)) = fold_validation(&runs, &tables.reference)? {
+    if let Some((folds_csv, folds_md)) = fold_validation(&runs, &tables.methods, &tables.reference)?
+    {
         std::fs::write(exp.join("folds.csv"), folds_csv)?;
         md += &folds_md;
     }
@@ -371,12 +372,24 @@ fn markdown(tables: &Tables, plots: &crate::report::Plots) -> Result<String> {
 /// Dice averaged over its K folds (seeds with every fold finished), then mean ± std over
 /// seeds and the paired difference of the validation means to `reference`. `None` when the
 /// manifest has one fold. Returns folds.csv and the results.md section.
-fn fold_validation(runs: &[RunSpec], reference: &str) -> Result<Option<(String, String)>> {
+/// The fold-averaged validation table; rows in the order of `methods` (the recipe's).
+fn fold_validation(
+    runs: &[RunSpec],
+    methods: &[String],
+    reference: &str,
+) -> Result<Option<(String, String)>> {
     let folds = runs.iter().map(|r| r.fold + 1).max().unwrap_or(1);
     if folds < 2 {
         return Ok(None);
     }
-    type Cell<'a> = (&'a str, usize, &'a str, &'a str, &'a str);
+    // (dataset, n_train, regime, backbone, the method's place in the recipe, method)
+    type Cell<'a> = (&'a str, usize, &'a str, &'a str, usize, &'a str);
+    let place = |method: &str| {
+        methods
+            .iter()
+            .position(|m| m == method)
+            .unwrap_or(usize::MAX)
+    };
     // cell -> seed -> one (val, test) per finished fold
     let mut found: BTreeMap<Cell, BTreeMap<u64, Vec<(f64, f64)>>> = BTreeMap::new();
     let mut csv = String::from("dataset,regime,backbone,method,seed,fold,val_dice,test_dice\n");
@@ -391,7 +404,14 @@ fn fold_validation(runs: &[RunSpec], reference: &str) -> Result<Option<(String, 
             r.dataset, r.regime, r.backbone, r.method, r.seed, r.fold
         )?;
         found
-            .entry((&r.dataset, r.n_train, &r.regime, &r.backbone, &r.method))
+            .entry((
+                &r.dataset,
+                r.n_train,
+                &r.regime,
+                &r.backbone,
+                place(&r.method),
+                &r.method,
+            ))
             .or_default()
             .entry(r.seed)
             .or_default()
@@ -417,14 +437,14 @@ fn fold_validation(runs: &[RunSpec], reference: &str) -> Result<Option<(String, 
          regime | backbone | method | seeds | validation Dice | Δ validation vs \
          {reference} | test Dice, mean over folds |\n|---|---|---|---|---|---|---|---|\n"
     );
-    for (&(dataset, _, regime, backbone, method), seeds) in &found {
+    for (&(dataset, _, regime, backbone, _, method), seeds) in &found {
         let mine = means(seeds);
         if mine.is_empty() {
             continue;
         }
         let base = found
             .iter()
-            .find(|(k, _)| (k.0, k.2, k.3, k.4) == (dataset, regime, backbone, reference))
+            .find(|(k, _)| (k.0, k.2, k.3, k.5) == (dataset, regime, backbone, reference))
             .map(|(_, s)| means(s))
             .unwrap_or_default();
         let diffs: Vec<f64> = mine
@@ -493,7 +513,9 @@ mod tests {
         let unfinished = fold_run(root, "baseline", 1, 1, 0.0, 0.0);
         std::fs::remove_file(&unfinished.scores["test"])?;
         runs.push(unfinished);
-        let (csv, md) = fold_validation(&runs, "baseline")?.expect("two folds");
+        // Rows follow the recipe's order of methods, not the alphabet's.
+        let methods = ["genseg".to_string(), "baseline".to_string()];
+        let (csv, md) = fold_validation(&runs, &methods, "baseline")?.expect("two folds");
         assert_eq!(csv.lines().count(), 1 + 5, "{csv}");
         assert!(
             md.contains(
@@ -505,9 +527,10 @@ mod tests {
             md.contains("| lungs | 7+2 | unet | genseg | 0 | 0.800 ± 0.000 | +10.0 ± 0.0 pt | 0.760 ± 0.000 |"),
             "{md}"
         );
+        assert!(md.find("| genseg |") < md.find("| baseline |"), "{md}");
         // One fold: no section.
         runs.retain(|r| r.fold == 0);
-        assert!(fold_validation(&runs, "baseline")?.is_none());
+        assert!(fold_validation(&runs, &methods, "baseline")?.is_none());
         Ok(())
     }
 
