@@ -11,6 +11,7 @@
 //! run folder while it trains in it. Afterwards [`crate::aggregate`] writes the tables.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -404,6 +405,8 @@ pub fn run(
 
 /// The worker pool: `jobs` runs at a time, each `genseg run` with the machine's cores shared
 /// among them and its output in `<out>/logs/<index>.log`; one progress bar with the ETA.
+/// Every finished run also appends a line to `<out>/progress.log` (and to stderr when the
+/// bar is hidden, as under `nohup`), so a sweep in the background shows where it is.
 /// Returns the ids of the runs that failed.
 fn run_local(
     manifest_path: &Path,
@@ -429,11 +432,20 @@ fn run_local(
     let threads = (cores / jobs).max(1).to_string();
     let next = AtomicUsize::new(0);
     let failed = Mutex::new(Vec::new());
+    let progress_path = out.join("progress.log");
+    let progress = Mutex::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&progress_path)
+            .with_context(|| format!("opening {}", progress_path.display()))?,
+    );
     std::thread::scope(|scope| {
         for _ in 0..jobs {
             scope.spawn(|| {
                 while let Some(&i) = todo.get(next.fetch_add(1, Ordering::SeqCst)) {
                     bar.set_message(runs[i].id.clone());
+                    let started = std::time::Instant::now();
                     let ok = run_one(
                         manifest_path,
                         i,
@@ -441,17 +453,46 @@ fn run_local(
                         &threads,
                         &logs.join(format!("{i}.log")),
                     );
+                    let outcome = match &ok {
+                        Ok(()) => "finished",
+                        Err(_) => "failed",
+                    };
                     if let Err(err) = ok {
                         bar.println(format!("run {i} ({}) failed: {err:#}", runs[i].id));
                         failed.lock().expect("no panics").push(runs[i].id.clone());
                     }
                     bar.inc(1);
+                    let line = progress_line(&bar, &runs[i].id, outcome, started.elapsed());
+                    if bar.is_hidden() {
+                        eprintln!("{line}");
+                    }
+                    // Losing a progress line must not stop the sweep; the run's own files
+                    // say whether it finished.
+                    let _ = writeln!(progress.lock().expect("no panics"), "{line}");
                 }
             });
         }
     });
     bar.finish_with_message("done");
     Ok(failed.into_inner().expect("no panics"))
+}
+
+/// `[0:12:03] 3/60 runs: isic/3+1/unet/strong/s0 finished in 0:04:24, ETA 4:10:00`.
+fn progress_line(
+    bar: &indicatif::ProgressBar,
+    id: &str,
+    outcome: &str,
+    took: std::time::Duration,
+) -> String {
+    use indicatif::FormattedDuration as Hms;
+    format!(
+        "[{}] {}/{} runs: {id} {outcome} in {}, ETA {}",
+        Hms(bar.elapsed()),
+        bar.position(),
+        bar.length().unwrap_or(0),
+        Hms(took),
+        Hms(bar.eta())
+    )
 }
 
 fn run_one(
@@ -597,6 +638,31 @@ n_val = 2
         assert_eq!(separate.steps[0].args[0], "pretrain-generator");
         let train = separate.steps[1].args.join(" ");
         assert!(train.contains("--method separate --recipe strong --generator /exp/runs/lungs-7+2-unet-strong-separate-s0.generator"), "{train}");
+        Ok(())
+    }
+
+    /// Every run, finished or failed, leaves one line in `<out>/progress.log`, and the
+    /// failed ones are returned.
+    #[cfg(unix)]
+    #[test]
+    fn the_pool_logs_each_run_and_returns_the_failed() -> Result<()> {
+        let recipe: Recipe = toml::from_str(RECIPE)?;
+        let tmp = tempfile::tempdir()?;
+        let out = tmp.path();
+        let runs = recipe.expand(Path::new("/data"), out);
+        let manifest_path = out.join("runs.jsonl");
+        manifest::write(&manifest_path, &runs)?;
+        for (bin, outcome, failed) in [("/bin/true", "finished", 0), ("/bin/false", "failed", 4)] {
+            let _ = std::fs::remove_file(out.join("progress.log"));
+            let got = run_local(&manifest_path, &runs, Path::new(bin), 2, out)?;
+            assert_eq!(got.len(), failed, "{got:?}");
+            let log = std::fs::read_to_string(out.join("progress.log"))?;
+            assert_eq!(log.lines().count(), 4, "{log}");
+            assert!(log.contains(" 4/4 runs: "), "{log}");
+            for run in &runs {
+                assert!(log.contains(&format!("{} {outcome} in ", run.id)), "{log}");
+            }
+        }
         Ok(())
     }
 
