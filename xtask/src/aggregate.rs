@@ -371,8 +371,8 @@ fn markdown(tables: &Tables, plots: &crate::report::Plots) -> Result<String> {
 /// Per dataset, regime, backbone and method: each seed's best validation Dice and test
 /// Dice averaged over its K folds (seeds with every fold finished), then mean ± std over
 /// seeds and the paired difference of the validation means to `reference`. `None` when the
-/// manifest has one fold. Returns folds.csv and the results.md section.
-/// The fold-averaged validation table; rows in the order of `methods` (the recipe's).
+/// manifest has one fold. Rows follow `methods` (the recipe's order). Returns folds.csv and
+/// the results.md section.
 fn fold_validation(
     runs: &[RunSpec],
     methods: &[String],

@@ -453,14 +453,14 @@ fn run_local(
                         &threads,
                         &logs.join(format!("{i}.log")),
                     );
-                    let outcome = match &ok {
+                    let outcome = match ok {
                         Ok(()) => "finished",
-                        Err(_) => "failed",
+                        Err(err) => {
+                            bar.println(format!("run {i} ({}) failed: {err:#}", runs[i].id));
+                            failed.lock().expect("no panics").push(runs[i].id.clone());
+                            "failed"
+                        }
                     };
-                    if let Err(err) = ok {
-                        bar.println(format!("run {i} ({}) failed: {err:#}", runs[i].id));
-                        failed.lock().expect("no panics").push(runs[i].id.clone());
-                    }
                     bar.inc(1);
                     let line = progress_line(&bar, &runs[i].id, outcome, started.elapsed());
                     if bar.is_hidden() {
