@@ -12,8 +12,12 @@ use candle_core::{CustomOp3, D, IndexOp, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::conv::kernels::{matmul_scaled, transposed, view};
-use crate::rows::{add_sums, softmax_in_place};
+use crate::rows::{softmax_in_place, sum_in_order};
 use crate::storage::{Element, Kernel, cast, kernel_cpu_fwd, on_cpu_kernels, par_written};
+
+/// Windows per parallel task of the backward pass: each task keeps one `[heads, n, n]`
+/// bias-gradient sum, so few windows per task would cost memory, many would leave threads idle.
+const WINDOWS_PER_TASK: usize = 4;
 
 /// Self-attention of `heads` heads within each window.
 ///
@@ -254,88 +258,92 @@ impl Kernel<3> for WindowAttentionBackward {
         let mut out: Vec<T> = Vec::with_capacity(len + heads * nn);
         let dqkv = out.as_mut_ptr() as usize;
         let scale = cast::<T>(a.scale);
-        let dbias = (0..d.windows)
-            .into_par_iter()
-            .fold(
-                || {
-                    (
-                        vec![0.0f64; heads * nn],
-                        vec![T::zero(); nn],
-                        vec![T::zero(); nn],
-                    )
-                },
-                |(mut dbias, mut p, mut ds), w| {
-                    let dqkv = dqkv as *mut T;
-                    let base = w * d.n * 3 * d.c;
-                    for h in 0..heads {
-                        let add = &additive[((w % d.m) * heads + h) * nn..][..nn];
-                        // SAFETY: every view is an n x hd or n x n block inside its buffer;
-                        // window w's rows of dqkv are written by this task alone.
-                        unsafe {
-                            a.probabilities(d, qkv, (w, h), |i| add[i], &mut p);
-                            let q = qkv.as_ptr().add(base + h * d.hd);
-                            let k = q.add(d.c);
-                            let v = q.add(2 * d.c);
-                            let dyw = dy.as_ptr().add(w * d.n * d.c + h * d.hd);
-                            // dP = dy · vᵀ
-                            matmul_scaled(
-                                (d.n, d.n, d.hd),
-                                ds.as_mut_ptr(),
-                                d.n,
-                                false,
-                                T::one(),
-                                view(dyw, d.c),
-                                transposed(v, 3 * d.c),
-                                gemm::Parallelism::None,
-                            );
-                            for (ds, p) in ds.chunks_mut(d.n).zip(p.chunks(d.n)) {
-                                let dot = ds.iter().zip(p).fold(T::zero(), |s, (&g, &p)| s + g * p);
-                                for (g, &p) in ds.iter_mut().zip(p) {
-                                    *g = p * (*g - dot);
-                                }
-                            }
-                            for (acc, &g) in dbias[h * nn..][..nn].iter_mut().zip(&ds) {
-                                *acc += g.to_f64();
-                            }
-                            let dq = dqkv.add(base + h * d.hd);
-                            // dq = s·dS·k, dk = s·dSᵀ·q, dv = Pᵀ·dy
-                            matmul_scaled(
-                                (d.n, d.hd, d.n),
-                                dq,
-                                3 * d.c,
-                                false,
-                                scale,
-                                view(ds.as_ptr(), d.n),
-                                view(k, 3 * d.c),
-                                gemm::Parallelism::None,
-                            );
-                            matmul_scaled(
-                                (d.n, d.hd, d.n),
-                                dq.add(d.c),
-                                3 * d.c,
-                                false,
-                                scale,
-                                transposed(ds.as_ptr(), d.n),
-                                view(q, 3 * d.c),
-                                gemm::Parallelism::None,
-                            );
-                            matmul_scaled(
-                                (d.n, d.hd, d.n),
-                                dq.add(2 * d.c),
-                                3 * d.c,
-                                false,
-                                T::one(),
-                                transposed(p.as_ptr(), d.n),
-                                view(dyw, d.c),
-                                gemm::Parallelism::None,
-                            );
+        // One window's gradients; dbias, and the scratch p and ds, carried from window to
+        // window.
+        let window = |(mut dbias, mut p, mut ds): (Vec<f64>, Vec<T>, Vec<T>), w: usize| {
+            let dqkv = dqkv as *mut T;
+            let base = w * d.n * 3 * d.c;
+            for h in 0..heads {
+                let add = &additive[((w % d.m) * heads + h) * nn..][..nn];
+                // SAFETY: every view is an n x hd or n x n block inside its buffer;
+                // window w's rows of dqkv are written by this task alone.
+                unsafe {
+                    a.probabilities(d, qkv, (w, h), |i| add[i], &mut p);
+                    let q = qkv.as_ptr().add(base + h * d.hd);
+                    let k = q.add(d.c);
+                    let v = q.add(2 * d.c);
+                    let dyw = dy.as_ptr().add(w * d.n * d.c + h * d.hd);
+                    // dP = dy · vᵀ
+                    matmul_scaled(
+                        (d.n, d.n, d.hd),
+                        ds.as_mut_ptr(),
+                        d.n,
+                        false,
+                        T::one(),
+                        view(dyw, d.c),
+                        transposed(v, 3 * d.c),
+                        gemm::Parallelism::None,
+                    );
+                    for (ds, p) in ds.chunks_mut(d.n).zip(p.chunks(d.n)) {
+                        let dot = ds.iter().zip(p).fold(T::zero(), |s, (&g, &p)| s + g * p);
+                        for (g, &p) in ds.iter_mut().zip(p) {
+                            *g = p * (*g - dot);
                         }
                     }
-                    (dbias, p, ds)
-                },
-            )
-            .map(|(dbias, _, _)| dbias)
-            .reduce(|| vec![0.0f64; heads * nn], add_sums);
+                    for (acc, &g) in dbias[h * nn..][..nn].iter_mut().zip(&ds) {
+                        *acc += g.to_f64();
+                    }
+                    let dq = dqkv.add(base + h * d.hd);
+                    // dq = s·dS·k, dk = s·dSᵀ·q, dv = Pᵀ·dy
+                    matmul_scaled(
+                        (d.n, d.hd, d.n),
+                        dq,
+                        3 * d.c,
+                        false,
+                        scale,
+                        view(ds.as_ptr(), d.n),
+                        view(k, 3 * d.c),
+                        gemm::Parallelism::None,
+                    );
+                    matmul_scaled(
+                        (d.n, d.hd, d.n),
+                        dq.add(d.c),
+                        3 * d.c,
+                        false,
+                        scale,
+                        transposed(ds.as_ptr(), d.n),
+                        view(q, 3 * d.c),
+                        gemm::Parallelism::None,
+                    );
+                    matmul_scaled(
+                        (d.n, d.hd, d.n),
+                        dq.add(2 * d.c),
+                        3 * d.c,
+                        false,
+                        T::one(),
+                        transposed(p.as_ptr(), d.n),
+                        view(dyw, d.c),
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            (dbias, p, ds)
+        };
+        // Fixed groups of windows whose sums are added in order: dbias does not depend on
+        // how rayon shares the groups among threads.
+        let partials = (0..d.windows.div_ceil(WINDOWS_PER_TASK))
+            .into_par_iter()
+            .map(|g| {
+                let fresh = (
+                    vec![0.0f64; heads * nn],
+                    vec![T::zero(); nn],
+                    vec![T::zero(); nn],
+                );
+                let windows = g * WINDOWS_PER_TASK..((g + 1) * WINDOWS_PER_TASK).min(d.windows);
+                windows.fold(fresh, &window).0
+            })
+            .collect();
+        let dbias = sum_in_order(partials, heads * nn);
         // SAFETY: the tasks wrote all of dqkv (every window, head and section, beta 0);
         // dbias fills the rest.
         unsafe {

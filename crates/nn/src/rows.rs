@@ -47,7 +47,7 @@ impl Rows {
 /// elements) in parallel, accumulated in f64.
 fn row_sums<T: Element>(x: &[T], r: Rows) -> Vec<T> {
     let block = r.per_chunk();
-    (0..r.count.div_ceil(block))
+    let partials = (0..r.count.div_ceil(block))
         .into_par_iter()
         .map(|b| {
             let mut sums = vec![0.0f64; r.len];
@@ -59,18 +59,25 @@ fn row_sums<T: Element>(x: &[T], r: Rows) -> Vec<T> {
             }
             sums
         })
-        .reduce(|| vec![0.0f64; r.len], add_sums)
+        .collect();
+    sum_in_order(partials, r.len)
         .into_iter()
         .map(cast)
         .collect()
 }
 
-/// `a + b` elementwise: the reduction of per-task partial sums.
-pub(crate) fn add_sums(mut a: Vec<f64>, b: Vec<f64>) -> Vec<f64> {
-    for (a, b) in a.iter_mut().zip(&b) {
-        *a += b;
-    }
-    a
+/// The sum of per-task partial sums (each `len` long), added in the tasks' order: the
+/// tasks run in parallel, but the float sum does not depend on how rayon shared them out,
+/// and so not on the thread count.
+pub(crate) fn sum_in_order(partials: Vec<Vec<f64>>, len: usize) -> Vec<f64> {
+    partials
+        .into_iter()
+        .fold(vec![0.0f64; len], |mut sum, part| {
+            for (s, p) in sum.iter_mut().zip(&part) {
+                *s += p;
+            }
+            sum
+        })
 }
 
 /// Softmax of one row in place: `exp(v - max) / sum`, the sum in f64.
@@ -474,7 +481,8 @@ impl Kernel<3> for LayerNormBackward {
                 }
                 sums
             })
-            .reduce(|| vec![0.0f64; 2 * r.len], add_sums);
+            .collect();
+        let sums = sum_in_order(sums, 2 * r.len);
         let tail = &mut out.spare_capacity_mut()[n..n + 2 * r.len];
         for (t, &s) in tail.iter_mut().zip(&sums) {
             *t = MaybeUninit::new(cast(s));

@@ -11,10 +11,12 @@
 //!
 //! Unfolding copies whole contiguous row segments (a `memcpy` at stride 1). Tiles run in
 //! parallel on rayon's pool, each with its own reused scratch buffer; when there are too
-//! few tiles to share out, the GEMM itself runs in parallel instead.
+//! few tiles to share out, the GEMM itself runs in parallel instead. The weight gradient
+//! runs blocks of its rows in parallel, each summing every tile in one order. No pass
+//! depends on the thread count for its result (tests/thread_count.rs).
 
 use std::cell::RefCell;
-use std::ops::AddAssign;
+use std::ops::{AddAssign, Range};
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -105,38 +107,45 @@ impl<T> SharedMut<T> {
 }
 
 /// Visits each (patch row r, output row oh, columns [ow0, ow1)) segment of the tile
-/// `[n0, n1)` of the unfolded image, with the input row it reads (if any) and the valid
-/// column range. `seg` is the segment's offset within the tile row.
+/// `[n0, n1)` of the unfolded image, for the patch rows `rows`, with the input row it
+/// reads (if any) and the valid column range. `seg` is the segment's offset within the
+/// tile row.
 #[inline]
 fn for_each_segment(
     g: &ConvGeometry,
     n0: usize,
     n1: usize,
+    rows: Range<usize>,
     mut visit: impl FnMut(usize, usize, usize, usize, Option<usize>, (usize, usize, isize)),
 ) {
-    for c in 0..g.c_in {
-        for i in 0..g.kh {
-            for j in 0..g.kw {
-                let r = (c * g.kh + i) * g.kw + j;
-                let mut q = n0;
-                while q < n1 {
-                    let (oh, ow0) = (q / g.ow, q % g.ow);
-                    let ow1 = g.ow.min(ow0 + (n1 - q));
-                    let ih = g.input_row(oh, i).map(|ih| c * g.h * g.w + ih * g.w);
-                    visit(r, q - n0, ow0, ow1, ih, g.valid_columns(j, ow0, ow1));
-                    q += ow1 - ow0;
-                }
-            }
+    for r in rows {
+        let (c, i, j) = (r / (g.kh * g.kw), r / g.kw % g.kh, r % g.kw);
+        let mut q = n0;
+        while q < n1 {
+            let (oh, ow0) = (q / g.ow, q % g.ow);
+            let ow1 = g.ow.min(ow0 + (n1 - q));
+            let ih = g.input_row(oh, i).map(|ih| c * g.h * g.w + ih * g.w);
+            visit(r, q - n0, ow0, ow1, ih, g.valid_columns(j, ow0, ow1));
+            q += ow1 - ow0;
         }
     }
 }
 
-/// `cols[r, q - n0]` for `q` in the tile: the input value patch row `r` reads at output
-/// position `q` (zero in the padding). `cols` is `[patch_len, n1 - n0]`.
-fn unfold<T: Real>(g: &ConvGeometry, x: &[T], n0: usize, n1: usize, cols: &mut [T]) {
-    let nt = n1 - n0;
-    for_each_segment(g, n0, n1, |r, seg, ow0, ow1, row, (lo, hi, off)| {
-        let out = &mut cols[r * nt + seg..r * nt + seg + (ow1 - ow0)];
+/// `cols[r - rows.start, q - n0]` for `q` in the tile and `r` in `rows`: the input value
+/// patch row `r` reads at output position `q` (zero in the padding). `cols` is
+/// `[rows.len(), n1 - n0]`.
+fn unfold<T: Real>(
+    g: &ConvGeometry,
+    x: &[T],
+    n0: usize,
+    n1: usize,
+    rows: Range<usize>,
+    cols: &mut [T],
+) {
+    let (nt, first_row) = (n1 - n0, rows.start);
+    for_each_segment(g, n0, n1, rows, |r, seg, ow0, ow1, row, (lo, hi, off)| {
+        let at = (r - first_row) * nt + seg;
+        let out = &mut cols[at..at + (ow1 - ow0)];
         let Some(row) = row else {
             out.fill(T::ZERO);
             return;
@@ -161,22 +170,28 @@ fn unfold<T: Real>(g: &ConvGeometry, x: &[T], n0: usize, n1: usize, cols: &mut [
 /// The adjoint of [`unfold`]: adds `cols` back into the image `dx`.
 fn fold<T: Real>(g: &ConvGeometry, cols: &[T], n0: usize, n1: usize, dx: &mut [T]) {
     let nt = n1 - n0;
-    for_each_segment(g, n0, n1, |r, seg, ow0, _ow1, row, (lo, hi, off)| {
-        let Some(row) = row.filter(|_| lo < hi) else {
-            return;
-        };
-        let first = (row as isize + (lo * g.stride) as isize + off) as usize;
-        let src = &cols[r * nt + seg + (lo - ow0)..r * nt + seg + (hi - ow0)];
-        if g.stride == 1 {
-            for (d, s) in dx[first..first + src.len()].iter_mut().zip(src) {
-                *d += *s;
+    for_each_segment(
+        g,
+        n0,
+        n1,
+        0..g.patch_len(),
+        |r, seg, ow0, _ow1, row, (lo, hi, off)| {
+            let Some(row) = row.filter(|_| lo < hi) else {
+                return;
+            };
+            let first = (row as isize + (lo * g.stride) as isize + off) as usize;
+            let src = &cols[r * nt + seg + (lo - ow0)..r * nt + seg + (hi - ow0)];
+            if g.stride == 1 {
+                for (d, s) in dx[first..first + src.len()].iter_mut().zip(src) {
+                    *d += *s;
+                }
+            } else {
+                for (k, s) in src.iter().enumerate() {
+                    dx[first + k * g.stride] += *s;
+                }
             }
-        } else {
-            for (k, s) in src.iter().enumerate() {
-                dx[first + k * g.stride] += *s;
-            }
-        }
-    });
+        },
+    );
 }
 
 /// Row-major matrix view: element (r, c) at `ptr + r·row + c·col`.
@@ -327,7 +342,7 @@ fn forward_into<T: Real>(g: &ConvGeometry, x: &[T], w: &[T], tiles: &[(usize, us
             }
         } else {
             T::with_scratch(k * (n1 - n0), |cols| {
-                unfold(g, x_b, n0, n1, cols);
+                unfold(g, x_b, n0, n1, 0..k, cols);
                 // SAFETY: see above; `cols` holds the unfolded tile, k x (n1 - n0).
                 unsafe {
                     matmul(
@@ -396,82 +411,104 @@ pub(crate) fn input_gradient<T: Real>(g: &ConvGeometry, dy: &[T], w: &[T]) -> Ve
     dx
 }
 
+/// The blocks of patch rows of [`weight_gradient`], about two per thread (one on one
+/// thread), that run in parallel.
+///
+/// Each output element is summed by one block, in one order, however many blocks there
+/// are, as long as the `gemm` crate sums each block's inner dimension as it would the
+/// whole product's. It picks how by the product's size: in steps of 512 when both sides
+/// are at most 64, of 1024 by a horizontal kernel when the output has at most 256
+/// elements, otherwise by cache size. So every block has more than 64 rows and more than
+/// 256 outputs (the last takes the remainder), and the weight gradient is the same, bit for
+/// bit, at any thread count: the one this kernel gave on one thread before the blocks.
+fn weight_gradient_blocks(patch_len: usize, c_out: usize) -> Vec<(usize, usize)> {
+    let min_rows = 80.max(256 / c_out.max(1) + 1);
+    let threads = threads();
+    let rows = if threads == 1 {
+        patch_len
+    } else {
+        patch_len.div_ceil(2 * threads).max(min_rows)
+    };
+    let blocks = (patch_len / rows.max(1)).max(1);
+    (0..blocks)
+        .map(|b| {
+            (
+                b * rows,
+                if b + 1 == blocks {
+                    patch_len
+                } else {
+                    (b + 1) * rows
+                },
+            )
+        })
+        .collect()
+}
+
 /// The gradient with respect to the weight of [`forward`]: `[c_out, c_in, kh, kw]`.
+///
+/// The weight's patch rows are split into blocks that run in parallel; each block sums
+/// the products of every tile in one order (image by image, tile by tile). Splitting the
+/// tiles among threads instead, each with its own accumulator, made the float sums, and
+/// so a whole training run, depend on the thread count (on ISIC one seed's test Dice
+/// moved by 8 points between one and two threads).
 pub(crate) fn weight_gradient<T: Real>(g: &ConvGeometry, x: &[T], dy: &[T]) -> Vec<T> {
     let (n, k) = (g.out_plane(), g.patch_len());
     let tiles = tiles(g, WEIGHT_GRADIENT_TILE_ELEMENTS);
     let count = g.batch * tiles.len();
-    // One accumulator per thread (each task adds into its own), summed at the end.
-    let parts = threads().min(count).max(1);
     // Accumulating dwᵀ (`[k, c_out]`, transposed once at the end) ran the `gemm` crate
     // 1.05-1.9x faster on tiles of layers with 16-128 output channels (the UNet's weight
     // gradients 10-20% faster); at 1024 channels (short tiles of a long patch) the
     // `[c_out, k]` order was 1.4x faster.
     let accumulate_transposed = g.c_out <= TRANSPOSED_WEIGHT_GRADIENT_MAX_C_OUT;
-    let task = |t: usize, acc: &mut [T], first: bool, par: Parallelism| {
-        let (b, (n0, n1)) = (t / tiles.len(), tiles[t % tiles.len()]);
-        let x_b = &x[b * g.in_image()..(b + 1) * g.in_image()];
-        let dy_tile = dy[b * g.out_image() + n0..].as_ptr();
-        // `src` holds the tile's unfolded input, `[k, n1 - n0]` with row stride `stride`.
-        let mut product = |src: *const T, stride: usize| {
-            // SAFETY: acc is this task's own weight-sized buffer; views are in bounds.
-            unsafe {
-                if accumulate_transposed {
-                    matmul(
-                        (k, g.c_out, n1 - n0),
-                        acc.as_mut_ptr(),
-                        g.c_out,
-                        !first,
-                        view(src, stride),
-                        transposed(dy_tile, n),
-                        par,
-                    )
-                } else {
-                    matmul(
-                        (g.c_out, k, n1 - n0),
-                        acc.as_mut_ptr(),
-                        k,
-                        !first,
-                        view(dy_tile, n),
-                        transposed(src, stride),
-                        par,
-                    )
-                }
-            }
-        };
-        if g.is_pointwise() {
-            product(x_b[n0..].as_ptr(), n);
-        } else {
-            T::with_scratch(k * (n1 - n0), |cols| {
-                unfold(g, x_b, n0, n1, cols);
-                product(cols.as_ptr(), n1 - n0);
-            })
-        }
-    };
-    let mut partials: Vec<Vec<T>> = (0..parts).map(|_| vec![T::ZERO; g.weight_len()]).collect();
-    if parts == 1 {
-        let par = if threads() > 1 {
-            Parallelism::Rayon(threads())
-        } else {
-            Parallelism::None
-        };
+    let blocks = weight_gradient_blocks(k, g.c_out);
+    let mut dw = vec![T::ZERO; g.weight_len()];
+    let out = SharedMut(dw.as_mut_ptr());
+    run_tasks(blocks.len(), |block, par| {
+        let (r0, r1) = blocks[block];
         for t in 0..count {
-            task(t, &mut partials[0], t == 0, par);
-        }
-    } else {
-        partials.par_iter_mut().enumerate().for_each(|(p, acc)| {
-            let (start, end) = (p * count / parts, (p + 1) * count / parts);
-            for t in start..end {
-                task(t, acc, t == start, Parallelism::None);
+            let (b, (n0, n1)) = (t / tiles.len(), tiles[t % tiles.len()]);
+            let x_b = &x[b * g.in_image()..(b + 1) * g.in_image()];
+            let dy_tile = dy[b * g.out_image() + n0..].as_ptr();
+            // `src` holds rows [r0, r1) of the tile's unfolded input, `[r1 - r0, n1 - n0]`
+            // with row stride `stride`.
+            let product = |src: *const T, stride: usize| {
+                // SAFETY: the block writes only its own rows (columns, untransposed) of dw;
+                // views are in bounds.
+                unsafe {
+                    if accumulate_transposed {
+                        matmul(
+                            (r1 - r0, g.c_out, n1 - n0),
+                            out.at(r0 * g.c_out),
+                            g.c_out,
+                            t > 0,
+                            view(src, stride),
+                            transposed(dy_tile, n),
+                            par,
+                        )
+                    } else {
+                        matmul(
+                            (g.c_out, r1 - r0, n1 - n0),
+                            out.at(r0),
+                            k,
+                            t > 0,
+                            view(dy_tile, n),
+                            transposed(src, stride),
+                            par,
+                        )
+                    }
+                }
+            };
+            if g.is_pointwise() {
+                // A 1 x 1 kernel at stride 1: patch row r is input channel r.
+                product(x_b[r0 * n + n0..].as_ptr(), n);
+            } else {
+                T::with_scratch((r1 - r0) * (n1 - n0), |cols| {
+                    unfold(g, x_b, n0, n1, r0..r1, cols);
+                    product(cols.as_ptr(), n1 - n0);
+                })
             }
-        });
-    }
-    let mut dw = partials.swap_remove(0);
-    for part in &partials {
-        dw.par_iter_mut()
-            .zip(part.par_iter())
-            .for_each(|(d, p)| *d += *p);
-    }
+        }
+    });
     if accumulate_transposed {
         // [k, c_out] -> [c_out, k]
         let mut out = Vec::with_capacity(dw.len());
