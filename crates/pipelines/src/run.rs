@@ -128,10 +128,10 @@ pub fn prepare_run(cfg: RunConfig, out: &Path) -> Result<PreparedRun> {
     })
 }
 
-/// The CPU compute threads, for the run log: they set the order of float sums, so the
-/// same binary, config and seed reproduce a run's numbers exactly only at the same count
-/// (`RAYON_NUM_THREADS`); measured on ISIC 32+8, one seed's test Dice moved by 8 points
-/// between 1 and 2 threads (docs/results.md).
+/// The CPU compute threads (`RAYON_NUM_THREADS`), for the run log. They do not change the
+/// numbers (genseg-nn's tests/thread_count.rs); before `e0afa36` they did, since they set
+/// the order of float sums (on ISIC 32+8 one seed's test Dice moved by 8 points between 1
+/// and 2 threads, docs/results.md), so the log of an older run says which count it ran at.
 fn compute_threads() -> String {
     format!(
         "{} CPU compute thread(s)",
