@@ -245,16 +245,21 @@ fn resume_after_sigkill_is_bit_identical() {
     assert_resume_after_sigkill_is_bit_identical(120, &["--method", "flip"]);
 }
 
-/// The strong recipe's batches come from a prefetch thread and its learning rate from a
-/// schedule: a killed and resumed run must still match an uninterrupted one bit for bit.
+/// The strong recipe's batches come from a prefetch thread (and here its learning rate from
+/// nnU-Net's schedule): a killed and resumed run must still match an uninterrupted one bit
+/// for bit.
 #[test]
 fn strong_recipe_resume_after_sigkill_is_bit_identical() {
-    let (_tmp, run) = assert_resume_after_sigkill_is_bit_identical(60, &["--recipe", "strong"]);
+    let (_tmp, run) = assert_resume_after_sigkill_is_bit_identical(
+        60,
+        &["--recipe", "strong", "--set", "train.schedule=\"poly\""],
+    );
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     for key in [
         "normalisation = \"z_score\"",
         "norm = \"instance\"",
         "deep_supervision = true",
+        "optimizer = \"rmsprop\"",
         "schedule = \"poly\"",
         "transforms = true",
         "mirror_tta = true",

@@ -2,7 +2,7 @@
 //! same images, scored by the same metrics.
 //!
 //! Per seed: `genseg data split` draws the split; `genseg train --recipe strong` trains on
-//! it; xtask/bench/nnunet_run.py converts the same cases (resized to `--size`) into an
+//! it (with `--set` overrides on our side only, e.g. nnU-Net's SGD); xtask/bench/nnunet_run.py converts the same cases (resized to `--size`) into an
 //! nnU-Net raw dataset, plans, trains `nnUNetTrainer_50epochs` on fold 0 of that split on
 //! the CPU and predicts the test cases (and every case of `--ood`) with its mirroring TTA;
 //! `genseg score` scores those predictions. nnunetv2 comes from PyPI into
@@ -32,7 +32,7 @@ struct SeedResult {
     nnunet: (f64, Option<f64>, f64),
 }
 
-pub fn run(root: &Path, plan: &Study, size: u32) -> Result<()> {
+pub fn run(root: &Path, plan: &Study, size: u32, sets: &[String]) -> Result<()> {
     if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false") {
         bail!("bench-vs-nnunet installs nnU-Net from PyPI and trains for hours; not in CI");
     }
@@ -69,7 +69,7 @@ pub fn run(root: &Path, plan: &Study, size: u32) -> Result<()> {
 
         // Ours.
         let ours = plan.out.join(format!("ours-s{seed}"));
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--recipe",
             "strong",
             "--data",
@@ -86,6 +86,9 @@ pub fn run(root: &Path, plan: &Study, size: u32) -> Result<()> {
         .iter()
         .map(|a| a.to_string())
         .collect();
+        for kv in sets {
+            args.extend(["--set".into(), kv.clone()]);
+        }
         let summary = ours.join("eval-test/summary.json");
         train_or_resume(&bin, "train", &ours, Some(&summary), &args)?;
         let ours_ood = match &plan.ood {

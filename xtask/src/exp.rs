@@ -43,6 +43,11 @@ pub struct Recipe {
     /// `--set KEY=VALUE` for every segmentation run.
     #[serde(default)]
     pub sets: Vec<String>,
+    /// `--set KEY=VALUE` for the runs on the strong recipe only (after `sets`): how a recipe
+    /// keeps the strong recipe it was measured with (e.g. nnU-Net's SGD) when its default
+    /// moves on, without touching the plain methods beside it.
+    #[serde(default)]
+    pub strong_sets: Vec<String>,
     /// `--set KEY=VALUE` for every generator pre-training.
     #[serde(default)]
     pub pretrain_sets: Vec<String>,
@@ -166,7 +171,12 @@ impl Recipe {
             names.len() == self.datasets.len(),
             "two datasets share a name"
         );
-        for kv in self.sets.iter().chain(&self.pretrain_sets) {
+        for kv in self
+            .sets
+            .iter()
+            .chain(&self.strong_sets)
+            .chain(&self.pretrain_sets)
+        {
             anyhow::ensure!(kv.contains('='), "override {kv:?}: expected KEY=VALUE");
         }
         Ok(())
@@ -264,6 +274,7 @@ impl Recipe {
             generator.as_deref(),
             &dir,
             std::iter::once(&backbone_set).chain(&self.sets),
+            &self.strong_sets,
         ));
         steps.push(Step {
             args: train,
@@ -644,6 +655,29 @@ n_val = 2
     /// Every run, finished or failed, leaves one line in `<out>/progress.log`, and the
     /// failed ones are returned.
     #[cfg(unix)]
+    #[test]
+    fn strong_sets_reach_only_the_strong_recipe_runs() -> Result<()> {
+        let recipe: Recipe = toml::from_str(&format!(
+            "sets = [\"train.iterations=9\"]\nstrong_sets = [\"train.optimizer=\\\"sgd\\\"\"]\n{RECIPE}"
+        ))?;
+        recipe.check()?;
+        let runs = recipe.expand(Path::new("/data"), Path::new("/exp"));
+        let train_args = |run: &RunSpec| {
+            let train = run.steps.iter().find(|s| s.args[0] == "train").unwrap();
+            train.args.join(" ")
+        };
+        let plain = train_args(&runs[0]);
+        assert!(plain.ends_with("--set train.iterations=9"), "{plain}");
+        assert!(!plain.contains("sgd"), "{plain}");
+        let strong = train_args(&runs[1]);
+        assert!(
+            strong.contains("--recipe strong")
+                && strong.ends_with("--set train.iterations=9 --set train.optimizer=\"sgd\""),
+            "{strong}"
+        );
+        Ok(())
+    }
+
     #[test]
     fn the_pool_logs_each_run_and_returns_the_failed() -> Result<()> {
         let recipe: Recipe = toml::from_str(RECIPE)?;

@@ -16,6 +16,10 @@
 //! (segmentation runs, with `eval-test/` and `eval-<ood>-all/`), `results.csv` (one line
 //! per run) and `results.md` (mean ± std over seeds per variant, and the difference to the
 //! first variant, paired by seed).
+//!
+//! `--strong-set` overrides reach only the strong-recipe variants: how a table measured
+//! under an earlier strong recipe pins what has since changed (e.g. nnU-Net's SGD) without
+//! touching the plain baseline beside it.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -29,6 +33,8 @@ pub struct Plan {
     pub study: Study,
     pub methods: Vec<String>,
     pub sets: Vec<String>,
+    /// `--set` overrides for the strong-recipe variants only (after `sets`).
+    pub strong_sets: Vec<String>,
     pub pretrain_sets: Vec<String>,
     /// `NAME:KEY=VALUE;KEY=VALUE`, one per ablated piece.
     pub ablations: Vec<String>,
@@ -91,14 +97,15 @@ impl Variant {
     }
 
     /// The arguments of `genseg train` after the data flags (`common`): the method, the
-    /// recipe, the generator, the run folder and the `--set` overrides `sets` (the plan's,
-    /// then the variant's own).
+    /// recipe, the generator, the run folder and the `--set` overrides: the plan's `sets`,
+    /// then `strong_sets` if this variant is on the strong recipe, then the variant's own.
     pub fn train_args<'a>(
         &self,
         common: &[String],
         generator: Option<&Path>,
         out: &Path,
         sets: impl IntoIterator<Item = &'a String>,
+        strong_sets: &'a [String],
     ) -> Vec<String> {
         let mut args = common.to_vec();
         args.extend(["--method".into(), self.method.clone()]);
@@ -109,8 +116,12 @@ impl Variant {
             args.extend(["--generator".into(), s(generator)]);
         }
         args.extend(["--out".into(), s(out)]);
-        for kv in sets.into_iter().cloned().chain(self.sets.iter().cloned()) {
-            args.extend(["--set".into(), kv]);
+        let strong_sets = strong_sets.iter().filter(|_| self.strong);
+        for kv in sets.into_iter().chain(strong_sets) {
+            args.extend(["--set".into(), kv.clone()]);
+        }
+        for kv in &self.sets {
+            args.extend(["--set".into(), kv.clone()]);
         }
         args
     }
@@ -314,6 +325,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
     for &seed in &plan.study.seeds {
         let pix2pix = plan.study.out.join(format!("pix2pix-s{seed}"));
         let sets = for_seed(&plan.sets, seed, &plan.study.out);
+        let strong_sets = for_seed(&plan.strong_sets, seed, &plan.study.out);
         let mut pretrained = false;
         for variant in &variants {
             // The generator is pre-trained just before the first variant that uses it, so
@@ -329,7 +341,7 @@ pub fn run(root: &Path, plan: &Plan) -> Result<()> {
                 sets: for_seed(&variant.sets, seed, &plan.study.out),
                 ..variant.clone()
             };
-            let args = variant.train_args(&common(seed), Some(&pix2pix), &run, &sets);
+            let args = variant.train_args(&common(seed), Some(&pix2pix), &run, &sets, &strong_sets);
             let test_summary = run.join("eval-test").join("summary.json");
             train_or_resume(&bin, "train", &run, Some(&test_summary), &args)?;
             let ood_dice = match &plan.study.ood {
@@ -493,6 +505,7 @@ mod tests {
             },
             methods: methods.iter().map(|m| m.to_string()).collect(),
             sets: Vec::new(),
+            strong_sets: Vec::new(),
             pretrain_sets: Vec::new(),
             ablations: ablations.iter().map(|a| a.to_string()).collect(),
         }

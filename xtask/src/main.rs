@@ -55,6 +55,10 @@ enum Recipe {
         /// stands for the run's seed, `{out}` for `--out`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// `--set` overrides for the strong-recipe methods only (after `--set`), e.g.
+        /// nnU-Net's SGD to reproduce a table measured before the recipe chose RMSprop.
+        #[arg(long = "strong-set", value_name = "KEY=VALUE")]
+        strong_sets: Vec<String>,
         /// `--set` overrides for the generator pre-training runs, with `{seed}` and `{out}`
         /// as in `--set`; e.g. `consistency.run="{out}/strong-s{seed}"` (the generator of a
         /// seed is pre-trained after the variants listed before the first that uses it).
@@ -134,6 +138,9 @@ enum Recipe {
         /// Image side both sides train and are scored at.
         #[arg(long, default_value_t = 64)]
         size: u32,
+        /// `--set` overrides for our side's training run (nnU-Net's side is nnU-Net's).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Per seed, the candidate (e.g. one generator setting's Separate runs) whose run scored
     /// the highest validation Dice, and the test Dice of that choice against always taking
@@ -187,8 +194,8 @@ fn main() -> Result<()> {
                 out: root.join(out),
             },
         ),
-        Recipe::BenchVsNnunet { study, size } => {
-            bench_vs_nnunet::run(&root, &study.under(&root), size)
+        Recipe::BenchVsNnunet { study, size, sets } => {
+            bench_vs_nnunet::run(&root, &study.under(&root), size, &sets)
         }
         Recipe::Exp {
             recipe,
@@ -244,6 +251,7 @@ fn main() -> Result<()> {
             study,
             methods,
             sets,
+            strong_sets,
             pretrain_sets,
             ablations,
         } => experiment::run(
@@ -252,6 +260,7 @@ fn main() -> Result<()> {
                 study: study.under(&root),
                 methods,
                 sets,
+                strong_sets,
                 pretrain_sets,
                 ablations,
             },

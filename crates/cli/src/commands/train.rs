@@ -32,7 +32,7 @@ pub struct TrainArgs {
     profile: Profile,
     /// The training recipe layered on the profile: `strong` is nnU-Net's (z-score
     /// normalisation, on-the-fly augmentation, InstanceNorm + LeakyReLU UNet with deep
-    /// supervision, SGD Nesterov with poly decay, mirroring TTA).
+    /// supervision, mirroring TTA) with RMSprop, which validation chose over its SGD.
     #[arg(long, value_parser = genseg::choice::<Recipe>(genseg::names::RECIPE), default_value = "plain")]
     recipe: Recipe,
     /// A TOML file layered over the profile and recipe.
