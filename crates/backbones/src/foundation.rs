@@ -1,25 +1,22 @@
 //! A frozen foundation encoder under a small trainable decoder: DINOv2 (Oquab et al.
-//! 2023) from candle-transformers, run for inference only, its last block's patch
-//! features decoded to one logit per pixel. What a handful of labels can train is the
-//! decoder; the encoder brings what it learnt from 142M images.
+//! 2023), run frozen, its last block's patch features decoded to one logit per pixel. What
+//! a handful of labels can train is the decoder; the encoder brings what it learnt from
+//! 142M images.
 //!
-//! Encoder: images (1 channel repeated to 3) resized bilinearly to `input_size` (a
-//! multiple of the patch side 14), normalised with ImageNet's mean and deviation, then
-//! DINOv2's last block, LayerNorm'd: `[B, D, input_size/14, input_size/14]`. Its weights come
-//! from a local safetensors file (`dinov2_vits14` and the larger ones, as converted for
-//! candle; the depth and width are read from the file, the heads are `D / 64` as in every
-//! released DINOv2 unless set); nothing is downloaded, and nothing of the encoder is a
-//! parameter of the run. Because it is frozen, its features are cached per image (keyed
-//! by the image's values), so an un-augmented training set costs the encoder once.
+//! Encoder ([`crate::dinov2`]): images (1 channel repeated to 3) resized bilinearly to
+//! `input_size` (a multiple of the patch side 14), normalised with ImageNet's mean and
+//! deviation, then DINOv2's last block, LayerNorm'd: `[B, D, input_size/14,
+//! input_size/14]`. Its weights come from a local safetensors file (`dinov2_vits14` and the
+//! larger ones, as released; the depth and width are read from the file, the heads are `D /
+//! 64` as in every released DINOv2 unless set); nothing is downloaded, and nothing of the
+//! encoder is a parameter of the run. Images that carry no gradient (real pairs, frozen
+//! generators' outputs) have their features cached per image (keyed by the image's values),
+//! so an un-augmented training set costs the encoder once; images that do (GenSeg's
+//! synthetic pairs, whose architecture gradient flows back through the segmenter) run
+//! through the encoder with their graph, so the gradient reaches them.
 //!
 //! Decoder (trainable): 1x1 conv D → `decoder_width` + BN + ReLU, bilinear x4, 3x3 conv +
 //! BN + ReLU, 1x1 conv to the logits, resized bilinearly to the input size.
-//!
-//! candle-transformers' layers carry no gradient through their fused LayerNorm and
-//! softmax, so no gradient reaches the input images: fine for the baseline, the
-//! augmentation baselines and Separate, but GenSeg's architecture gradient flows through
-//! the segmenter into its synthetic images, so `--method genseg` refuses this backbone
-//! ([`crate::BackboneConfig::passes_input_gradients`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,7 +25,6 @@ use std::sync::Mutex;
 use anyhow::Context;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use candle_transformers::models::dinov2::DinoVisionTransformer;
 use genseg_nn::batch_norm::{BatchNorm2d, BatchNormConfig};
 use genseg_nn::conv::Conv2d;
 use genseg_nn::init::{InitScheme, conv2d};
@@ -36,14 +32,10 @@ use genseg_nn::ops::resize_bilinear;
 use serde::{Deserialize, Serialize};
 
 use crate::SegModel;
-
-/// DINOv2's patch side.
-pub const PATCH: usize = 14;
+use crate::dinov2::{Dinov2, PATCH, shape_of};
 /// ImageNet's per-channel mean and standard deviation (DINOv2's input normalisation).
 const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-/// Classes of the ImageNet head candle's DINOv2 builds (absent from backbone-only files).
-const HEAD_CLASSES: usize = 1000;
 
 /// Every setting of a [`FrozenDino`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -113,41 +105,22 @@ backbone_config!(FoundationConfig => FrozenDino {
         );
         self.validate()
     }
-
-    fn passes_input_gradients(&self) -> bool {
-        false
-    }
 });
 
-/// The encoder, loaded from `path`: `(model, width, depth)`.
+/// The encoder, loaded from `path`.
 fn load_dino(
     path: &Path,
     num_heads: usize,
     device: &candle_core::Device,
-) -> anyhow::Result<(DinoVisionTransformer, usize, usize)> {
-    let mut tensors = candle_core::safetensors::load(path, device)
+) -> anyhow::Result<Dinov2> {
+    let tensors = candle_core::safetensors::load(path, device)
         .with_context(|| format!("reading the DINOv2 weights {}", path.display()))?;
-    let width = tensors
-        .get("cls_token")
-        .and_then(|t| t.dims().last().copied())
-        .with_context(|| {
-            format!(
-                "{} is not a DINOv2 checkpoint (no cls_token tensor)",
-                path.display()
-            )
-        })?;
-    let depth = tensors
-        .keys()
-        .filter_map(|k| {
-            k.strip_prefix("blocks.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |last| last + 1);
-    anyhow::ensure!(depth > 0, "{} has no DINOv2 blocks", path.display());
+    let (depth, width) = shape_of(&tensors).with_context(|| {
+        format!(
+            "{} is not a DINOv2 checkpoint (no cls_token tensor or no blocks)",
+            path.display()
+        )
+    })?;
     let heads = if num_heads == 0 {
         width / 64
     } else {
@@ -158,19 +131,9 @@ fn load_dino(
         "{}: width {width} is not divisible by {heads} heads (set model.foundation.num_heads)",
         path.display()
     );
-    // candle's model builds the ImageNet head; backbone-only files have none (unused here).
-    for (name, shape) in [
-        ("head.weight", vec![HEAD_CLASSES, 2 * width]),
-        ("head.bias", vec![HEAD_CLASSES]),
-    ] {
-        if !tensors.contains_key(name) {
-            tensors.insert(name.into(), Tensor::zeros(shape, DType::F32, device)?);
-        }
-    }
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = DinoVisionTransformer::new(vb, depth, width, heads)
-        .with_context(|| format!("building DINOv2 from {}", path.display()))?;
-    Ok((model, width, depth))
+    Dinov2::new(depth, width, heads, vb)
+        .with_context(|| format!("building DINOv2 from {}", path.display()))
 }
 
 /// Conv → BN → ReLU.
@@ -202,8 +165,7 @@ impl ConvBnRelu {
 pub struct FrozenDino {
     cfg: FoundationConfig,
     prefix: String,
-    encoder: DinoVisionTransformer,
-    depth: usize,
+    encoder: Dinov2,
     cache: Mutex<HashMap<u64, Tensor>>,
     reduce: ConvBnRelu,
     refine: ConvBnRelu,
@@ -214,7 +176,7 @@ impl std::fmt::Debug for FrozenDino {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrozenDino")
             .field("cfg", &self.cfg)
-            .field("depth", &self.depth)
+            .field("width", &self.encoder.width())
             .finish_non_exhaustive()
     }
 }
@@ -223,13 +185,12 @@ impl FrozenDino {
     /// Loads the encoder from `cfg.weights` and creates the decoder through `vb`.
     pub fn new(cfg: &FoundationConfig, vb: VarBuilder) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let (encoder, width, depth) = load_dino(&cfg.weights, cfg.num_heads, vb.device())?;
-        let w = cfg.decoder_width;
+        let encoder = load_dino(&cfg.weights, cfg.num_heads, vb.device())?;
+        let (width, w) = (encoder.width(), cfg.decoder_width);
         Ok(Self {
             cfg: cfg.clone(),
             prefix: vb.prefix(),
             encoder,
-            depth,
             cache: Mutex::new(HashMap::new()),
             reduce: ConvBnRelu::new(width, w, 1, vb.pp("decoder.reduce"))?,
             refine: ConvBnRelu::new(w, w, 3, vb.pp("decoder.refine"))?,
@@ -245,18 +206,12 @@ impl FrozenDino {
         })
     }
 
-    /// The encoder's features of `images` `[B, 3, S, S]` (already resized and normalised).
-    fn encode(&self, images: &Tensor) -> Result<Tensor> {
-        let last = self.depth - 1;
-        self.encoder
-            .get_intermediate_layers(images, &[last], true, false, true)?
-            .squeeze(0)?
-            .detach()
-            .contiguous()
-    }
-
-    /// Features per image, from the cache where present.
+    /// The encoder's features of `images` `[B, 3, S, S]` (already resized and normalised):
+    /// with their graph when a gradient is to reach them, else from the cache where present.
     fn features(&self, images: &Tensor) -> Result<Tensor> {
+        if images.track_op() {
+            return self.encoder.features(images);
+        }
         let b = images.dim(0)?;
         let keys = (0..b)
             .map(|i| genseg_nn::rng::content_hash(&images.get(i)?))
@@ -264,10 +219,15 @@ impl FrozenDino {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let missing: Vec<usize> = (0..b).filter(|&i| !cache.contains_key(&keys[i])).collect();
         let mut fresh = HashMap::new();
-        for i in missing {
-            // One image at a time: candle's DINOv2 prepends its class token to batch 1 only.
-            let features = self.encode(&images.get(i)?.unsqueeze(0)?)?;
-            fresh.insert(keys[i], features.squeeze(0)?);
+        if !missing.is_empty() {
+            let index = Tensor::new(
+                missing.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                images.device(),
+            )?;
+            let features = self.encoder.features(&images.index_select(&index, 0)?)?;
+            for (row, &i) in missing.iter().enumerate() {
+                fresh.insert(keys[i], features.get(row)?.detach());
+            }
         }
         let rows = keys
             .iter()
@@ -294,8 +254,11 @@ impl SegModel for FrozenDino {
                 self.cfg.in_channels
             );
         }
-        let x = images.detach();
-        let x = if c == 1 { x.repeat((1, 3, 1, 1))? } else { x };
+        let x = if c == 1 {
+            images.repeat((1, 3, 1, 1))?
+        } else {
+            images.clone()
+        };
         let s = self.cfg.input_size;
         let x = resize_bilinear(&x, s, s, false)?;
         let device = x.device();
@@ -319,7 +282,8 @@ impl SegModel for FrozenDino {
 mod tests {
     use super::*;
     use crate::BackboneConfig;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
+    use candle_transformers::models::dinov2::DinoVisionTransformer;
     use genseg_nn::params::ParamStore;
 
     /// A DINOv2 of one block, 24 wide, with random weights, written the way the released
@@ -383,6 +347,31 @@ mod tests {
         Ok(())
     }
 
+    /// GenSeg's synthetic images carry a graph: their gradient flows back through the
+    /// frozen encoder, and they are not cached (their values change every step).
+    #[test]
+    fn a_gradient_reaches_images_that_carry_one() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = tiny_dino(dir.path(), false)?;
+        let store = ParamStore::new(0, DType::F32, &Device::Cpu);
+        let model = FrozenDino::new(&config(path, 3), store.var_builder())?;
+        let x = Var::from_tensor(&Tensor::rand(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu)?)?;
+        let y = model.forward_t(x.as_tensor(), true)?;
+        let grads = y.sqr()?.mean_all()?.backward()?;
+        let g = grads.get(x.as_tensor()).expect("a gradient for the images");
+        for i in 0..2 {
+            let g = g.get(i)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+            assert!(g > 0.0, "image {i} receives no gradient");
+        }
+        assert_eq!(model.cache.lock().unwrap().len(), 0);
+        // The same values without a graph: cached, and the same output.
+        let y2 = model.forward_t(&x.as_tensor().detach(), true)?;
+        assert_eq!(model.cache.lock().unwrap().len(), 2);
+        let diff = (y - y2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "cached features differ by {diff}");
+        Ok(())
+    }
+
     #[test]
     fn bad_weights_and_settings_are_named() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
@@ -413,7 +402,6 @@ mod tests {
                 .to_string()
                 .contains("multiple of")
         );
-        assert!(!cfg.passes_input_gradients());
         Ok(())
     }
 }

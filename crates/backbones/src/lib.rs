@@ -55,6 +55,7 @@ macro_rules! backbone_config {
 }
 
 pub mod deeplab;
+pub mod dinov2;
 pub mod evaluate;
 pub mod foundation;
 pub mod loss;
@@ -102,10 +103,5 @@ pub trait BackboneConfig {
     /// default) when the backbone takes no pretrained weights.
     fn pretrained_names(&self) -> Option<pretrained::NameMapping> {
         None
-    }
-    /// Whether gradients reach the input images (GenSeg's architecture gradient flows
-    /// through the segmenter into its synthetic images). True unless a backbone says not.
-    fn passes_input_gradients(&self) -> bool {
-        true
     }
 }

@@ -1012,13 +1012,6 @@ impl RunConfig {
             );
         }
         if self.method == Method::Genseg {
-            anyhow::ensure!(
-                self.model.backbone().passes_input_gradients(),
-                "--method genseg tunes α by gradients through the segmenter into its synthetic \
-                 images, and the {:?} backbone passes none to its input (its frozen encoder is \
-                 inference-only): use it with baseline, an augmentation baseline or separate",
-                self.model.kind
-            );
             let g = &self.genseg;
             for (key, v) in [
                 ("genseg.generator_lr", g.generator_lr),
