@@ -2,13 +2,14 @@
 //! manifest of independent, resumable runs, executed by a local worker pool or as a Slurm
 //! job array.
 //!
-//! A recipe names datasets (with out-of-domain test folders), labelled-set regimes, methods,
-//! backbones, seeds, a profile and overrides. It expands into `<out>/runs.jsonl`
-//! ([`genseg_pipelines::manifest`]): one line per dataset × regime × backbone × method ×
-//! seed, each with its own folder under `<out>/runs/` and the `genseg` commands that make
-//! it, which `genseg run --manifest <out>/runs.jsonl --index <i>` executes. Running the same
-//! command again skips finished runs and resumes interrupted ones; `genseg train` locks a
-//! run folder while it trains in it. Afterwards [`crate::aggregate`] writes the tables.
+//! A recipe names datasets (with out-of-domain test folders), labelled-set regimes (the
+//! recipe's, or a dataset's own), methods, backbones, seeds, a profile and overrides. It
+//! expands into `<out>/runs.jsonl` ([`genseg_pipelines::manifest`]): one line per dataset ×
+//! regime × backbone × method × seed, each with its own folder under `<out>/runs/` and the
+//! `genseg` commands that make it, which `genseg run --manifest <out>/runs.jsonl --index <i>`
+//! executes. Running the same command again skips finished runs and resumes interrupted
+//! ones; `genseg train` locks a run folder while it trains in it. Afterwards
+//! [`crate::aggregate`] writes the tables.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -53,7 +54,8 @@ pub struct Recipe {
     pub pretrain_sets: Vec<String>,
     /// The labelled pools.
     pub datasets: Vec<DatasetEntry>,
-    /// Labelled-set sizes.
+    /// Labelled-set sizes, for every dataset that names none of its own.
+    #[serde(default)]
     pub regimes: Vec<Regime>,
     /// Validation folds per seed: 1 trains on the standard split only; K > 1 also trains
     /// every cell on folds 1 to K-1 of the seed's labelled pool (same test cases, other
@@ -87,6 +89,10 @@ pub struct DatasetEntry {
     /// Out-of-domain test folders (every image), relative to `--data-root` or absolute.
     #[serde(default)]
     pub ood: Vec<PathBuf>,
+    /// This pool's labelled-set sizes, instead of the recipe's `regimes` (a study of pools
+    /// labelled in different amounts, e.g. 7 + 2 lung X-rays beside 32 + 8 skin photos).
+    #[serde(default)]
+    pub regimes: Vec<Regime>,
 }
 
 /// A labelled-set size: training and validation pairs drawn per seed.
@@ -139,9 +145,16 @@ impl Recipe {
             ("methods", self.methods.is_empty()),
             ("backbones", self.backbones.is_empty()),
             ("datasets", self.datasets.is_empty()),
-            ("regimes", self.regimes.is_empty()),
         ] {
             anyhow::ensure!(!empty, "`{what}` is empty");
+        }
+        for dataset in &self.datasets {
+            anyhow::ensure!(
+                !self.regimes_of(dataset).is_empty(),
+                "dataset {:?} has no regimes: give the recipe `[[regimes]]` or the dataset \
+                 `[[datasets.regimes]]`",
+                dataset.name
+            );
         }
         anyhow::ensure!(
             ["cpu", "paper", "study"].contains(&self.profile.as_str()),
@@ -149,7 +162,7 @@ impl Recipe {
             self.profile
         );
         anyhow::ensure!(self.folds >= 1, "`folds` must be at least 1");
-        for r in &self.regimes {
+        for r in self.datasets.iter().flat_map(|d| self.regimes_of(d)) {
             anyhow::ensure!(
                 r.n_train > 0 && r.n_val > 0,
                 "regime {}: both sizes must be > 0",
@@ -190,7 +203,7 @@ impl Recipe {
         for fold in 0..self.folds {
             for &seed in &self.seeds {
                 for dataset in &self.datasets {
-                    for regime in &self.regimes {
+                    for regime in self.regimes_of(dataset) {
                         for backbone in &self.backbones {
                             for method in &self.methods {
                                 let cell = Cell {
@@ -209,6 +222,15 @@ impl Recipe {
             }
         }
         runs
+    }
+
+    /// The labelled-set sizes `dataset` is trained at: its own, else the recipe's.
+    fn regimes_of<'a>(&'a self, dataset: &'a DatasetEntry) -> &'a [Regime] {
+        if dataset.regimes.is_empty() {
+            &self.regimes
+        } else {
+            &dataset.regimes
+        }
     }
 
     fn run(&self, data_root: &Path, out: &Path, cell: &Cell) -> RunSpec {
@@ -726,6 +748,47 @@ n_val = 2
                 "{step:?}"
             );
         }
+        Ok(())
+    }
+
+    /// A dataset's own `regimes` replace the recipe's for that dataset only.
+    #[test]
+    fn a_dataset_may_name_its_own_regimes() -> Result<()> {
+        let recipe: Recipe = toml::from_str(&format!(
+            "{RECIPE}
+[[datasets]]
+name = \"skin\"
+path = \"isic\"
+[[datasets.regimes]]
+n_train = 32
+n_val = 8
+"
+        ))?;
+        recipe.check()?;
+        let runs = recipe.expand(Path::new("/data"), Path::new("/exp"));
+        let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            &ids[..4],
+            [
+                "lungs/7+2/unet/baseline/s0",
+                "lungs/7+2/unet/strong-separate/s0",
+                "skin/32+8/unet/baseline/s0",
+                "skin/32+8/unet/strong-separate/s0"
+            ]
+        );
+        assert_eq!(ids.len(), 8);
+        let train = runs[2].steps[0].args.join(" ");
+        assert!(
+            train.contains("--data /data/isic --n-train 32 --n-val 8"),
+            "{train}"
+        );
+
+        let bare = RECIPE.split("[[regimes]]").next().unwrap();
+        let err = toml::from_str::<Recipe>(bare)?
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dataset \"lungs\" has no regimes"), "{err}");
         Ok(())
     }
 
