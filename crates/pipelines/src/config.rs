@@ -486,9 +486,33 @@ pub struct TrainSection {
     /// run: the chain's spatial part only, on image and mask alike.
     #[serde(default)]
     pub transforms: bool,
+    /// The fractions of the run between which λ fades linearly to 0; after the second,
+    /// the steps train on the real pairs alone and skip the second term's work (for
+    /// GenSeg: synthesis, the generator's step and the hypergradient). `[1, 1]` keeps λ
+    /// to the end (the reference); `[0.5, 0.75]` trains on synthetic pairs first, then
+    /// fine-tunes on real ones.
+    #[serde(default = "no_fade")]
+    pub lambda_fade: [f64; 2],
+}
+
+fn no_fade() -> [f64; 2] {
+    [1.0, 1.0]
 }
 
 impl TrainSection {
+    /// λ at iteration `it` of the run, after `lambda_fade`.
+    pub fn lambda_at(&self, it: u64) -> f64 {
+        let [start, end] = self.lambda_fade;
+        let done = it as f64 / self.iterations.max(1) as f64;
+        if done < start {
+            self.lambda
+        } else if done >= end {
+            0.0
+        } else {
+            self.lambda * (end - done) / (end - start)
+        }
+    }
+
     /// Builds the configured optimizer over `vars`.
     pub fn build_optimizer(&self, vars: Vec<(String, Var)>) -> Result<Box<dyn Optimizer>> {
         Ok(match self.optimizer {
@@ -820,6 +844,7 @@ impl RunConfig {
                 nesterov: false,
                 schedule: Schedule::Constant,
                 transforms: false,
+                lambda_fade: no_fade(),
             },
             augment: AugmentSection {
                 rotate_degrees: 8.0,
@@ -1003,6 +1028,12 @@ impl RunConfig {
             t.lambda.is_finite() && t.lambda >= 0.0,
             "train.lambda {} must be a number >= 0",
             t.lambda
+        );
+        let [start, end] = t.lambda_fade;
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&start) && (start..=1.0).contains(&end),
+            "train.lambda_fade {:?} must be two fractions of the run, 0 <= start <= end <= 1",
+            t.lambda_fade
         );
         if self.method == Method::Separate {
             anyhow::ensure!(
@@ -1211,6 +1242,41 @@ mod tests {
             keys.contains(&"train.loss".to_string())
                 && keys.contains(&"model.unet.depth".to_string())
         );
+        Ok(())
+    }
+
+    #[test]
+    fn lambda_fades_between_its_fractions_and_bad_fractions_are_refused() -> Result<()> {
+        let cpu = RunConfig::profile(Profile::Cpu);
+        let last = cpu.train.iterations - 1;
+        assert_eq!(
+            cpu.train.lambda_at(last),
+            cpu.train.lambda,
+            "no fade by default"
+        );
+        let sets = [
+            "train.iterations=100",
+            "train.lambda=2",
+            "train.lambda_fade=[0.5, 0.75]",
+        ];
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let cfg = layered(&cpu, None, &sets)?;
+        cfg.validate()?;
+        let at: Vec<f64> = [0, 49, 50, 60, 74, 75, 99]
+            .iter()
+            .map(|&it| cfg.train.lambda_at(it))
+            .collect();
+        let want = [2.0, 2.0, 2.0, 1.2, 0.08, 0.0, 0.0];
+        assert!(
+            at.iter().zip(want).all(|(a, w)| (a - w).abs() < 1e-12),
+            "{at:?}"
+        );
+        for bad in [[0.8, 0.5], [-0.1, 0.5], [0.5, 1.5], [f64::NAN, 1.0]] {
+            let mut c = cfg.clone();
+            c.train.lambda_fade = bad;
+            let e = c.validate().expect_err("a bad fade is refused").to_string();
+            assert!(e.contains("train.lambda_fade"), "{e}");
+        }
         Ok(())
     }
 

@@ -233,7 +233,8 @@ impl Supervised {
         let real = loss_fn.forward_deep(&outputs, &y)?;
         let mut total = real.clone();
         let mut extra_value = None;
-        if let Some(extra) = &self.extra {
+        let weight = self.cfg.train.lambda_at(it);
+        if let Some(extra) = self.extra.as_ref().filter(|_| weight > 0.0) {
             let (x, y) = match prepared {
                 true => self.batches.plain(it, &self.device)?,
                 false => (x, y),
@@ -249,7 +250,7 @@ impl Supervised {
                 None => loss_fn.forward(&self.model.forward_t(&xe, true)?, &ye)?,
             };
             extra_value = Some(term.to_scalar::<f32>()? as f64);
-            total = (total + (term * self.cfg.train.lambda)?)?;
+            total = (total + (term * weight)?)?;
         }
         let grads = total.backward()?;
         let t = &self.cfg.train;

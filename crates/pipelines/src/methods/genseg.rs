@@ -599,9 +599,16 @@ fn segmenter_loss_fn(
     cfg: &RunConfig,
 ) -> LossFn {
     let (nets, inputs, parts) = (nets.clone(), inputs.clone(), parts.clone());
-    let (seed, weight, loss) = (cfg.seed, cfg.train.lambda, cfg.train.loss.clone());
+    let (seed, train, loss) = (cfg.seed, cfg.train.clone(), cfg.train.loss.clone());
     Box::new(move || {
         let s = inputs.borrow();
+        let weight = train.lambda_at(s.iteration);
+        if weight == 0.0 && !s.hop_mode {
+            // Past `train.lambda_fade`: the real pairs alone, no synthesis.
+            let real = loss.forward_deep(&real_outputs(&nets, &s)?, &s.seg_masks)?;
+            parts.set((scalar(&real)?, f64::NAN));
+            return Ok(real);
+        }
         let mut rng = rng_for(seed, Purpose::SynthesisDropout, s.iteration);
         let mut post_rng = rng_for(seed, Purpose::PostProcess, s.iteration);
         let raw = nets
@@ -617,14 +624,18 @@ fn segmenter_loss_fn(
         if s.hop_mode {
             return syn * weight;
         }
-        let outputs = match s.seg_prepared {
-            true => nets.seg.forward_deep_normalised(&s.seg_images, true)?,
-            false => nets.seg.forward_deep_t(&s.seg_images, true)?,
-        };
-        let real = loss.forward_deep(&outputs, &s.seg_masks)?;
+        let real = loss.forward_deep(&real_outputs(&nets, &s)?, &s.seg_masks)?;
         parts.set((scalar(&real)?, scalar(&syn)?));
         real + (syn * weight)?
     })
+}
+
+/// The segmenter's (deeply supervised) outputs on the iteration's real batch.
+fn real_outputs(nets: &Nets, s: &Inputs) -> candle_core::Result<Vec<Tensor>> {
+    match s.seg_prepared {
+        true => nets.seg.forward_deep_normalised(&s.seg_images, true),
+        false => nets.seg.forward_deep_t(&s.seg_images, true),
+    }
 }
 
 /// Level 3: the segmentation loss of a validation batch, in train mode like the levels
@@ -669,7 +680,9 @@ impl Pipeline for EndToEnd {
             .optimizer_mut()
             .set_learning_rate(segmenter_lr);
         let mut record = serde_json::Map::new();
-        if it % self.cfg.genseg.generator_every == 0 {
+        // Past `train.lambda_fade` nothing reads the generator or α: neither steps.
+        let synthetic = t.lambda_at(it) > 0.0;
+        if synthetic && it % self.cfg.genseg.generator_every == 0 {
             let loss_d = self.discriminator_step()?;
             let loss_g = self.engine.step_level(LEVEL_GENERATOR);
             // Never left for a later loss, even when the step failed.
@@ -684,8 +697,10 @@ impl Pipeline for EndToEnd {
         let (real, syn) = self.seg_parts.get();
         record.insert("loss".into(), json!(loss));
         record.insert("loss_real".into(), json!(real));
-        record.insert("loss_synthetic".into(), json!(syn));
-        if (it + 1) % self.cfg.genseg.arch_every == 0 {
+        if synthetic {
+            record.insert("loss_synthetic".into(), json!(syn));
+        }
+        if synthetic && (it + 1) % self.cfg.genseg.arch_every == 0 {
             self.inputs.borrow_mut().hop_mode = true;
             let upper = self.engine.upper_hypergradient();
             self.inputs.borrow_mut().hop_mode = false;
@@ -983,6 +998,61 @@ mod tests {
             same > 0 && moved > 0,
             "{same} generator tensors, {moved} moved"
         );
+        Ok(())
+    }
+
+    /// Past `train.lambda_fade` an iteration trains the segmenter on real pairs alone:
+    /// no synthetic loss, no generator step, no hypergradient, α and the generator (its
+    /// BatchNorm statistics too: nothing is synthesised) left exactly as they were.
+    #[test]
+    fn faded_lambda_trains_on_real_pairs_alone() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg = tiny(&dir.path().join("data"))?;
+        (cfg.train.iterations, cfg.train.val_every) = (4, 4);
+        cfg.train.lambda_fade = [0.5, 0.5];
+        let run = dir.path().join("run");
+        let stop = AtomicBool::new(false);
+        super::super::train(cfg, &run, &Device::Cpu, &stop, &mut Silent)?;
+        let lines = read_lines(&run.join("metrics.jsonl"))?;
+        let steps: Vec<&serde_json::Value> =
+            lines.iter().filter(|l| l.get("lr").is_some()).collect();
+        assert_eq!(steps.len(), 4);
+        for (it, l) in steps.iter().enumerate() {
+            let synthetic = it < 2;
+            for key in ["loss_synthetic", "loss_g", "norm_arch_grad"] {
+                assert_eq!(l.get(key).is_some(), synthetic, "{key} at iteration {it}");
+            }
+            assert!(l.get("loss_real").and_then(|x| x.as_f64()).is_some());
+        }
+        assert_eq!(steps[1]["alpha_softmax"], steps[3]["alpha_softmax"]);
+        assert_ne!(steps[0]["alpha_softmax"], steps[1]["alpha_softmax"]);
+        // The generator of the last checkpoint is the one iteration 2 started from.
+        let mut half = tiny(&dir.path().join("data"))?;
+        (half.train.iterations, half.train.val_every) = (4, 4);
+        half.train.lambda_fade = [0.5, 0.5];
+        let stopped = dir.path().join("stopped");
+        let mut observer = StopAt {
+            at: 2,
+            total: 4,
+            current: 0,
+            stop: &stop,
+        };
+        super::super::train(half, &stopped, &Device::Cpu, &stop, &mut observer)?;
+        let (a, b) = (
+            Checkpoint::load(&stopped.join("last"))?,
+            Checkpoint::load(&run.join("last"))?,
+        );
+        let (mut generator, mut segmenter) = (0, 0);
+        for (name, t) in &a.weights {
+            let d = largest_difference(t, &b.weights[name])?;
+            if name.starts_with("netG.") || name.starts_with("netD.") || name.contains("alpha") {
+                assert_eq!(d, 0.0, "{name} moved after λ faded");
+                generator += 1;
+            } else if d > 0.0 {
+                segmenter += 1;
+            }
+        }
+        assert!(generator > 0 && segmenter > 0, "{generator} / {segmenter}");
         Ok(())
     }
 

@@ -131,3 +131,41 @@ fn supervised(
         end,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use genseg_data::phantom::{PhantomConfig, PhantomKind, write_phantoms};
+
+    use super::*;
+    use crate::config::Profile;
+    use crate::learner::Silent;
+    use crate::run_dir::read_lines;
+
+    /// Past `train.lambda_fade` a supervised method's second term is not computed at all.
+    #[test]
+    fn the_second_term_stops_where_lambda_has_faded() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let data = dir.path().join("data");
+        write_phantoms(&data, &PhantomConfig::new(PhantomKind::Lungs, 32, 0), 12)?;
+        let mut cfg = RunConfig::profile(Profile::Cpu);
+        cfg.method = Method::Flip;
+        cfg.data.path = data;
+        cfg.data.size = 32;
+        cfg.model.unet.base_width = 2;
+        cfg.model.unet.depth = 2;
+        (cfg.train.iterations, cfg.train.val_every) = (4, 4);
+        cfg.train.log_every = 1;
+        cfg.train.lambda_fade = [0.25, 0.75];
+        let run = dir.path().join("run");
+        let stop = AtomicBool::new(false);
+        train(cfg, &run, &Device::Cpu, &stop, &mut Silent)?;
+        let lines = read_lines(&run.join("metrics.jsonl"))?;
+        let augmented: Vec<bool> = lines
+            .iter()
+            .filter(|l| l.get("lr").is_some())
+            .map(|l| l.get("loss_augmented").is_some())
+            .collect();
+        assert_eq!(augmented, [true, true, true, false]);
+        Ok(())
+    }
+}
