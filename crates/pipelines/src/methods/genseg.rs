@@ -1012,7 +1012,7 @@ mod tests {
         cfg.train.lambda_fade = [0.5, 0.5];
         let run = dir.path().join("run");
         let stop = AtomicBool::new(false);
-        super::super::train(cfg, &run, &Device::Cpu, &stop, &mut Silent)?;
+        super::super::train(cfg.clone(), &run, &Device::Cpu, &stop, &mut Silent)?;
         let lines = read_lines(&run.join("metrics.jsonl"))?;
         let steps: Vec<&serde_json::Value> =
             lines.iter().filter(|l| l.get("lr").is_some()).collect();
@@ -1027,9 +1027,6 @@ mod tests {
         assert_eq!(steps[1]["alpha_softmax"], steps[3]["alpha_softmax"]);
         assert_ne!(steps[0]["alpha_softmax"], steps[1]["alpha_softmax"]);
         // The generator of the last checkpoint is the one iteration 2 started from.
-        let mut half = tiny(&dir.path().join("data"))?;
-        (half.train.iterations, half.train.val_every) = (4, 4);
-        half.train.lambda_fade = [0.5, 0.5];
         let stopped = dir.path().join("stopped");
         let mut observer = StopAt {
             at: 2,
@@ -1037,7 +1034,7 @@ mod tests {
             current: 0,
             stop: &stop,
         };
-        super::super::train(half, &stopped, &Device::Cpu, &stop, &mut observer)?;
+        super::super::train(cfg, &stopped, &Device::Cpu, &stop, &mut observer)?;
         let (a, b) = (
             Checkpoint::load(&stopped.join("last"))?,
             Checkpoint::load(&run.join("last"))?,
